@@ -1,0 +1,409 @@
+"""The ``compress`` command line: a thin layer over :func:`compress.pipeline.run` and :mod:`compress.bench`.
+
+Every stage command builds a one-stage pipeline and runs the same code as ``compress run PIPELINE.yaml``.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from compress import __version__
+from compress.errors import CompressError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+STATE = {"debug": False, "force": False, "quiet": False}
+
+
+def _flag(name: str, help: str):
+    def callback(ctx, param, value):
+        if value:
+            STATE[name] = True
+        return value
+    return click.option(f"--{name}", is_flag=True, expose_value=False, is_eager=True, callback=callback, help=help)
+
+
+def global_flags(fn):
+    fn = _flag("quiet", "Print only results and errors.")(fn)
+    fn = _flag("force", "Allow replacing an existing OUT.")(fn)
+    fn = _flag("debug", "Show tracebacks for errors.")(fn)
+    return fn
+
+
+def model_options(fn):
+    opts = [
+        click.option("--arch", help="Where the architecture comes from: torchvision:NAME, timm:NAME, hf:PATH, file.py:Callable, package.module:Callable."),
+        click.option("--arch-args", help="JSON keyword arguments for the architecture, e.g. '{\"num_classes\": 10}'."),
+        click.option("--input-shape", "input_shape", multiple=True, help="Model input as 1x3x224x224[:DTYPE]; repeat for several inputs."),
+        click.option("--example-input", type=click.Path(), help="A .pt file holding an example input tensor (or a list of them)."),
+        click.option("--static-shapes", is_flag=True, help="Do not make the batch dimension dynamic in exports."),
+        click.option("--trust-pickle", is_flag=True, help="Allow loading pickled modules (this runs code from the file)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle) -> dict:
+    m = {"source": str(source)}
+    for k, v in (("arch", arch), ("arch_args", arch_args), ("input_shape", list(input_shape) or None),
+                 ("example_input", example_input), ("static_shapes", static_shapes or None), ("trust_pickle", trust_pickle or None)):
+        if v not in (None, ""):
+            m[k] = v
+    return m
+
+
+def _sets(pairs) -> dict:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"'{p}' is not KEY=VALUE", param_hint="-s/--set")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str, resume: bool = False):
+    from compress.pipeline import run
+
+    from compress.ui import console
+
+    doc = {"model": model, "stages": [{stage: {k: v for k, v in options.items() if v is not None}}]}
+    if data:
+        doc["data"] = data
+    result = run(doc, out, force=STATE["force"], resume=resume, quiet=STATE["quiet"], where=f"compress {stage}")
+    if not STATE["quiet"]:
+        metrics = result.final.stages[-1].get("metrics", {}) if result.final.stages else {}
+        _print_metrics(stage, metrics)
+        console().print(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name})")
+    return result
+
+
+def _print_metrics(stage: str, metrics: dict) -> None:
+    if not metrics:
+        return
+    from rich.table import Table
+
+    from compress.ui import out_console
+
+    t = Table(title=f"{stage} metrics", show_header=True)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (dict, list)):
+            continue
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    out_console().print(t)
+
+
+OUT_OPTION = click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (a run directory).")
+SET_OPTION = click.option("-s", "--set", "sets", multiple=True, metavar="KEY=VALUE", help="A method option; repeatable.")
+DATA_OPTION = click.option("--data", help="DATA spec: imagefolder:DIR, tensors:FILE, python:mod:fn, or a built-in set (see 'compress ls').")
+
+
+@click.group(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress bench zoo:mobilenet_v2 --data photos
+  compress export resnet.pt --arch torchvision:resnet18 --target onnx -o runs/resnet-onnx
+  compress run configs/demo.yaml -o runs/demo
+  compress ls
+""")
+@click.version_option(__version__, prog_name="compress")
+@global_flags
+def cli():
+    """Prune, distill, quantize, export and benchmark a trained PyTorch model.
+
+    SOURCE is a state dict (.pt/.pth/.safetensors, with --arch), a run directory written by compress,
+    a TorchScript/ONNX/.pt2 file, a transformers model folder, or a built-in model (zoo:NAME).
+    """
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress prune model.pt --arch torchvision:resnet18 --method structured --amount 0.5 -o runs/pruned
+  compress prune runs/base --method magnitude --amount 0.7 -s scope=global -o runs/sparse
+  compress prune model.pt --arch torchvision:resnet18 --sweep 0.1,0.3,0.5 --data imagefolder:val -o runs/sweep
+""")
+@click.argument("source")
+@model_options
+@click.option("--method", help="Pruning method (see 'compress ls prune').")
+@click.option("--amount", type=float, help="Fraction to remove, between 0 and 1.")
+@click.option("--sweep", help="Comma-separated amounts to measure instead of pruning once.")
+@SET_OPTION
+@DATA_OPTION
+@OUT_OPTION
+@click.option("--resume", is_flag=True, help="Reuse completed work in OUT.")
+@global_flags
+def prune(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, amount, sweep, sets, data, out, resume):
+    """Remove weights or whole channels/heads from a model."""
+    opts = {"method": method, "amount": amount, "sweep": sweep, **_sets(sets)}
+    _run_one("prune", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out, resume)
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress distill runs/pruned --teacher runs/base --data fashion-mnist -s epochs=3 -o runs/distilled
+  compress distill small.pt --arch torchvision:mobilenet_v3_small --teacher big.pt --data imagefolder:train -o runs/kd
+""")
+@click.argument("source")
+@model_options
+@click.option("--teacher", help="The teacher SOURCE (defaults to the SOURCE's original model in pipelines).")
+@click.option("--method", help="Distillation method (see 'compress ls distill').")
+@SET_OPTION
+@DATA_OPTION
+@OUT_OPTION
+@click.option("--resume", is_flag=True, help="Continue an interrupted training from its checkpoint.")
+@global_flags
+def distill(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, teacher, method, sets, data, out, resume):
+    """Train a student model to match a teacher on real data."""
+    opts = {"method": method, "teacher": teacher, **_sets(sets)}
+    if resume:
+        opts["resume"] = True
+    _run_one("distill", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress quantize model.pt --arch torchvision:mobilenet_v2 --method static --backend onnxruntime --data photos -o runs/int8
+  compress quantize zoo:minilm-l6 --method dynamic -o runs/minilm-int8
+  compress quantize runs/pruned --method auto --data fashion-mnist -o runs/auto
+""")
+@click.argument("source")
+@model_options
+@click.option("--method", help="dynamic | static | auto (see 'compress ls quantize').")
+@click.option("--backend", help="torch | onnxruntime.")
+@SET_OPTION
+@DATA_OPTION
+@OUT_OPTION
+@global_flags
+def quantize(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, backend, sets, data, out):
+    """Quantize weights (and activations) to int8 or cast to fp16/bf16."""
+    opts = {"method": method, "backend": backend, **_sets(sets)}
+    _run_one("quantize", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress export model.pt --arch torchvision:resnet18 --target onnx -o runs/onnx
+  compress export zoo:minilm-l6 --target onnx -s dynamic_axes=batch,sequence -o runs/minilm-onnx
+  compress export runs/pruned --target pt2 -s aoti=true -o runs/pt2
+  compress export runs/int8 --target torchscript -o runs/ts      (TorchScript is deprecated upstream; kept working)
+  compress export runs/onnx --target trt -s precision=fp16 -o runs/trt   (needs an NVIDIA GPU and TensorRT)
+""")
+@click.argument("source")
+@model_options
+@click.option("--target", required=True, help="torchscript | onnx | pt2 | trt.")
+@click.option("--opset", type=int, help="ONNX opset version.")
+@SET_OPTION
+@DATA_OPTION
+@OUT_OPTION
+@global_flags
+def export(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, target, opset, sets, data, out):
+    """Export to TorchScript, ONNX, torch.export (.pt2) or TensorRT, verified against the source."""
+    opts = {"target": target, "opset": opset, **_sets(sets)}
+    _run_one("export", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress bench zoo:mobilenet_v2 runs/int8 --data photos --batch-size 1,32 --threads 1,2
+  compress bench runs/demo --json bench.json --markdown bench.md --html bench.html
+  compress bench model.onnx runs/ts --device cpu,cuda
+""")
+@click.argument("sources", nargs=-1, required=True)
+@model_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cpu,cuda.")
+@click.option("--batch-size", default="1", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--threads", default="1", show_default=True, help="Comma-separated CPU thread counts.")
+@click.option("--budget", type=float, default=2.0, show_default=True, help="Timed seconds per row.")
+@DATA_OPTION
+@click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--markdown", type=click.Path(), help="Write the report as Markdown.")
+@click.option("--html", type=click.Path(), help="Write a self-contained HTML report with plots.")
+@global_flags
+def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, device, batch_size, threads, budget, data, json_path, markdown, html):
+    """Measure latency, throughput, size and accuracy of one or more artifacts."""
+    from compress import sources as src_mod
+    from compress.bench import BenchSettings, bench_artifacts, write_reports
+    from compress.ui import console
+
+    settings = BenchSettings.from_options({"device": device, "batch_size": batch_size, "threads": threads, "budget_s": budget,
+                                           "json": json_path, "markdown": markdown, "html": html}, data)
+    for path in (json_path, markdown, html):
+        if path and Path(path).exists() and not STATE["force"]:
+            raise CompressError(f"{path} already exists", "Pass --force to replace it")
+    artifacts = []
+    for s in _expand_run_dirs(sources):
+        art = src_mod.load(s, arch, arch_args, input_shape, static_shapes, trust_pickle, example_input)
+        artifacts.append(("source" if not artifacts else Path(s).name or s, art))
+    report = bench_artifacts(artifacts, settings, quiet=STATE["quiet"])
+    for p in write_reports(report, None, settings):
+        console().print(f"wrote {p}")
+
+
+def _expand_run_dirs(sources) -> list[str]:
+    out = []
+    for s in sources:
+        stages = Path(s) / "stages"
+        if stages.is_dir():
+            out += [str(d) for d in sorted(stages.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        else:
+            out.append(s)
+    return out
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress run configs/demo.yaml -o runs/demo
+  compress run configs/demo.yaml --set stages.0.amount=0.3 --set bench.threads=1,2
+  compress run my.yaml -o runs/x --resume          (after a failed stage: reuse the completed ones)
+""")
+@click.argument("pipeline", type=click.Path())
+@click.option("-o", "--out", type=click.Path(), help="Output directory [default: runs/<pipeline name>].")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a value, e.g. stages.0.amount=0.3.")
+@click.option("--resume", is_flag=True, help="Reuse the completed stages already in OUT.")
+@global_flags
+def run(pipeline, out, sets, resume):
+    """Run a pipeline file: stages in order, then a bench over every stage."""
+    from compress.pipeline import apply_sets, read_pipeline, run as run_pipeline
+    from compress.ui import console
+
+    doc = apply_sets(read_pipeline(pipeline), sets)
+    out = out or str(Path("runs") / Path(pipeline).stem)
+    result = run_pipeline(doc, out, force=STATE["force"], resume=resume, quiet=STATE["quiet"], where=str(pipeline))
+    if not STATE["quiet"]:
+        console().print(f"wrote {result.out}/" + (f" — report: {result.out / 'report.html'}" if result.report else ""))
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress validate configs/demo.yaml
+  compress validate my.yaml --set stages.0.amount=1.5      (reports the range error)
+""")
+@click.argument("pipeline", type=click.Path())
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a value before checking.")
+@global_flags
+def validate(pipeline, sets):
+    """Check a pipeline file and report every problem at once, before anything runs."""
+    from compress.pipeline import ValidationError, apply_sets, check, read_pipeline
+    from compress.ui import console
+
+    doc = apply_sets(read_pipeline(pipeline), sets)
+    try:
+        plan = check(doc, str(pipeline))
+    except ValidationError as exc:
+        console().print(f"[red]error:[/red] {pipeline} has {len(exc.problems)} problem(s):")
+        for p in exc.problems:
+            console().print(f"  - {p}")
+        sys.exit(1)
+    stages = ", ".join(f"{s.stage} {s.method.name}" for s in plan.stages) or "no stages"
+    click.echo(f"{pipeline}: ok ({stages}{'; bench' if plan.bench is not None else ''})")
+
+
+@cli.command(name="ls", context_settings=CONTEXT, epilog="""\b
+Examples:
+  compress ls
+  compress ls quantize
+""")
+@click.argument("stage", required=False)
+@global_flags
+def ls_cmd(stage):
+    """List stages and their methods, built-in models and data sets, and shipped pipeline configs."""
+    from rich.table import Table
+
+    from compress import registry
+    from compress.data import BUILTIN
+    from compress.ui import out_console
+    from compress.zoo import ZOO
+
+    if stage and stage not in registry.STAGES:
+        raise CompressError(f"'{stage}' is not a stage", f"Stages: {', '.join(registry.STAGES)}")
+    con = out_console()
+    t = Table(title="methods")
+    for h in ("stage", "method", "takes", "gives", "installed", "summary"):
+        t.add_column(h)
+    for st in ([stage] if stage else registry.STAGES):
+        ms = registry.methods(st)
+        if not ms:
+            t.add_row(st, "-", "", "", "", f"not available yet ({registry.PENDING[st]})")
+        for m in ms:
+            missing = m.missing()
+            inst = "yes" if not missing else "no: pip install " + " ".join(f"'compress[{e}]'" if e else mod for mod, e in missing)
+            produces = m.produces if isinstance(m.produces, str) else "depends"
+            t.add_row(st, m.name, ",".join(m.accepts), produces, inst, m.summary)
+    con.print(t)
+    if stage:
+        return
+    z = Table(title="built-in models (SOURCE zoo:NAME)")
+    z.add_column("name")
+    z.add_column("summary")
+    for k, v in ZOO.items():
+        z.add_row(f"zoo:{k}", v["summary"])
+    con.print(z)
+    d = Table(title="built-in data sets (--data NAME)")
+    d.add_column("name")
+    d.add_column("summary")
+    for k, (_, summary) in BUILTIN.items():
+        d.add_row(k, summary)
+    con.print(d)
+    configs = sorted(Path(__file__).resolve().parent.joinpath("configs").glob("*.yaml"))
+    if configs:
+        c = Table(title="shipped pipelines (compress run FILE)")
+        c.add_column("file")
+        for f in configs:
+            c.add_row(str(f.relative_to(Path(__file__).resolve().parent)))
+        con.print(c)
+
+
+class Terminated(BaseException):
+    """Raised from SIGTERM so that every cleanup path runs, as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    STATE.update(debug="--debug" in argv, force=False, quiet=False)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    from compress.ui import console
+
+    try:
+        rv = cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        return 2
+    except click.ClickException as exc:
+        exc.show()
+        return 2 if isinstance(exc, click.UsageError) else 1
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, click.exceptions.Abort, Terminated):
+        console().print("[red]interrupted[/red]: nothing half-written was left behind")
+        return 130
+    except CompressError as exc:
+        if STATE["debug"]:
+            traceback.print_exc()
+        console().print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        return 1
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
+        if STATE["debug"]:
+            traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        console().print(f"[red]error:[/red] unexpected {type(exc).__name__}: {msg} (rerun with --debug for the traceback; please report it)", soft_wrap=True)
+        return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,129 @@
+"""An artifact is a model in one format plus what is needed to run and rebuild it; saving and loading them.
+
+Torch models are saved as a state dict (safetensors) next to an architecture spec and replayable rebuild
+steps (e.g. pruned layer shapes), so reloading never unpickles code.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import CompressError
+from .manifest import Manifest
+from .specs import InputSpec
+
+MODEL_FILES = {"torch": "model.safetensors", "torch-quantized": "model.pt", "torchscript": "model.torchscript.pt",
+               "onnx": "model.onnx", "pt2": "model.pt2", "tensorrt": "model.engine"}
+TORCH_FORMATS = ("torch", "torch-quantized")
+
+# op name -> fn(model, step) -> model; methods register the steps they need to replay on load.
+REBUILDERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
+
+
+def rebuilder(op: str):
+    def deco(fn):
+        REBUILDERS[op] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class Artifact:
+    format: str
+    input_spec: list[InputSpec]
+    source: str
+    model: Any = None                  # nn.Module for torch formats
+    path: Path | None = None           # the model file, for file formats (and saved torch artifacts)
+    arch: dict | None = None           # {"spec": ..., "args": {...}}
+    rebuild: list[dict] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+    def evolve(self, **changes) -> "Artifact":
+        return replace(self, **changes)
+
+    @property
+    def is_torch(self) -> bool:
+        return self.format in TORCH_FORMATS
+
+    def manifest(self, model_file: str) -> Manifest:
+        return Manifest(format=self.format, model_file=model_file, source=self.source, input_spec=self.input_spec,
+                        stages=self.stages, arch=self.arch, rebuild=self.rebuild, extra=dict(self.extra))
+
+    def size_bytes(self) -> int | None:
+        if self.path is None or not Path(self.path).exists():
+            return None
+        p = Path(self.path)
+        files = [p] + [f for f in p.parent.iterdir() if f.suffix == ".data" or f.name.endswith(".onnx.data")] if p.is_file() else list(p.rglob("*"))
+        return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def save(artifact: Artifact, directory: Path) -> Artifact:
+    """Write the artifact's model file and manifest into ``directory``; returns the artifact pointing there."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    extra = dict(artifact.extra)
+    if artifact.is_torch:
+        model_file = MODEL_FILES[artifact.format]
+        if artifact.arch is None:
+            model_file = "model.pickle.pt"
+            extra["pickled"] = True
+            torch.save(artifact.model, directory / model_file)
+        elif artifact.format == "torch":
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().clone() for k, v in artifact.model.state_dict().items()}
+            save_file(state, str(directory / model_file))
+        else:
+            torch.save(artifact.model.state_dict(), directory / model_file)
+    else:
+        if artifact.path is None:
+            raise CompressError(f"a {artifact.format} artifact has no file to save", "This is a bug; run with --debug")
+        src = Path(artifact.path)
+        model_file = src.name
+        if src.resolve().parent != directory.resolve():
+            for f in [src, *_companions(src)]:
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, directory / f.name)
+    out = artifact.evolve(path=directory / model_file, extra=extra)
+    out.manifest(model_file).write(directory)
+    return out
+
+
+def _companions(model_file: Path) -> list[Path]:
+    """Files that travel with a model file (ONNX external data)."""
+    return [f for f in model_file.parent.glob(model_file.name + ".data")] + \
+           [f for f in model_file.parent.glob(model_file.stem + ".onnx_data")]
+
+
+def load_run_dir(directory: Path, trust_pickle: bool = False) -> Artifact:
+    manifest = Manifest.read(directory)
+    path = Path(directory) / manifest.model_file
+    if not path.exists():
+        raise CompressError(f"{directory} names the model file {manifest.model_file}, which is missing", "Rerun the command that wrote it")
+    art = Artifact(format=manifest.format, input_spec=manifest.input_spec, source=manifest.source, path=path,
+                   arch=manifest.arch, rebuild=manifest.rebuild, stages=manifest.stages, extra=manifest.extra)
+    if art.is_torch:
+        art.model = rebuild_torch(art, path, trust_pickle)
+    return art
+
+
+def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
+    from . import arch as arch_mod
+    from .sources import read_state_dict, load_pickled_module
+
+    if art.extra.get("pickled") or art.arch is None:
+        return load_pickled_module(path, trust_pickle)
+    model = arch_mod.build(art.arch["spec"], art.arch.get("args"))
+    for step in art.rebuild:
+        fn = REBUILDERS.get(step.get("op"))
+        if fn is None:
+            raise CompressError(f"{path.parent} needs the rebuild step '{step.get('op')}', which this version does not know",
+                                "Upgrade compress, or re-create the run directory")
+        model = fn(model, step)
+    arch_mod.load_state_dict(model, read_state_dict(path), f"{art.arch['spec']} (rebuilt from {path.parent})")
+    return model.eval()

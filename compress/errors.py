@@ -1,0 +1,44 @@
+"""The one exception type for user errors: printed as one line, exit code 1, no traceback."""
+from __future__ import annotations
+
+
+class CompressError(Exception):
+    """Something the user can fix. ``what`` says what is wrong, ``fix`` what to do about it."""
+
+    def __init__(self, what: str, fix: str | None = None):
+        self.what = what.rstrip(".")
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.what}. {self.fix}" if self.fix else f"{self.what}."
+
+
+class MissingPackage(CompressError):
+    """An optional backend is not installed."""
+
+    def __init__(self, package: str, extra: str | None, purpose: str):
+        hint = f"pip install 'compress[{extra}]'" if extra else f"pip install {package}"
+        super().__init__(f"{purpose} needs the package '{package}', which is not installed", f"Install it with: {hint}")
+        self.package = package
+        self.extra = extra
+
+
+def require(module: str, extra: str | None, purpose: str):
+    """Import an optional module lazily, or raise MissingPackage with the pip extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        package = module.split(".")[0].replace("_", "-")
+        raise MissingPackage(package, extra, purpose) from exc
+
+
+def is_installed(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
