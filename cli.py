@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from rich.markup import escape
+
 from compress import __version__
 from compress.errors import CompressError
 
@@ -78,7 +80,7 @@ def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str,
     if not STATE["quiet"]:
         metrics = result.final.stages[-1].get("metrics", {}) if result.final.stages else {}
         _print_metrics(stage, metrics)
-        console().print(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name})")
+        console().print(escape(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name})"))
     return result
 
 
@@ -275,7 +277,7 @@ def run(pipeline, out, sets, resume):
     out = out or str(Path("runs") / Path(pipeline).stem)
     result = run_pipeline(doc, out, force=STATE["force"], resume=resume, quiet=STATE["quiet"], where=str(pipeline))
     if not STATE["quiet"]:
-        console().print(f"wrote {result.out}/" + (f" — report: {result.out / 'report.html'}" if result.report else ""))
+        console().print(escape(f"wrote {result.out}/" + (f" — report: {result.out / 'report.html'}" if result.report else "")))
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
@@ -295,9 +297,9 @@ def validate(pipeline, sets):
     try:
         plan = check(doc, str(pipeline))
     except ValidationError as exc:
-        console().print(f"[red]error:[/red] {pipeline} has {len(exc.problems)} problem(s):")
+        console().print(f"[red]error:[/red] {escape(str(pipeline))} has {len(exc.problems)} problem(s):", soft_wrap=True)
         for p in exc.problems:
-            console().print(f"  - {p}")
+            console().print(f"  - {escape(p)}", soft_wrap=True)
         sys.exit(1)
     stages = ", ".join(f"{s.stage} {s.method.name}" for s in plan.stages) or "no stages"
     click.echo(f"{pipeline}: ok ({stages}{'; bench' if plan.bench is not None else ''})")
@@ -328,12 +330,12 @@ def ls_cmd(stage):
     for st in ([stage] if stage else registry.STAGES):
         ms = registry.methods(st)
         if not ms:
-            t.add_row(st, "-", "", "", "", f"not available yet ({registry.PENDING[st]})")
+            t.add_row(st, "-", "", "", "", escape(f"not available yet ({registry.PENDING[st]})"))
         for m in ms:
             missing = m.missing()
             inst = "yes" if not missing else "no: pip install " + " ".join(f"'compress[{e}]'" if e else mod for mod, e in missing)
             produces = m.produces if isinstance(m.produces, str) else "depends"
-            t.add_row(st, m.name, ",".join(m.accepts), produces, inst, m.summary)
+            t.add_row(*(escape(str(c)) for c in (st, m.name, ",".join(m.accepts), produces, inst, m.summary)))
     con.print(t)
     if stage:
         return
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressError as exc:
         if STATE["debug"]:
             traceback.print_exc()
-        console().print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        console().print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         return 1
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
@@ -397,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         if STATE["debug"]:
             traceback.print_exc()
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        console().print(f"[red]error:[/red] unexpected {type(exc).__name__}: {msg} (rerun with --debug for the traceback; please report it)", soft_wrap=True)
+        console().print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(msg)} (rerun with --debug for the traceback; please report it)", soft_wrap=True)
         return 1
 
 

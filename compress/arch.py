@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -210,9 +211,15 @@ def _lists_normalize(path: Path) -> bool:
 
 def load_state_dict(model: nn.Module, state: dict[str, Any], what: str) -> None:
     """Load a state dict strictly, naming the first few offending keys when it does not fit."""
+    metadata = getattr(state, "_metadata", None)  # layer versions: quantized modules need them to load
     if isinstance(model, HFModel) and state and not any(k.startswith("model.") for k in state):
         state = {f"model.{k}": v for k, v in state.items()}
+        metadata = {f"model.{k}" if k else "model": v for k, v in metadata.items()} if metadata is not None else None
     own = model.state_dict()
+    # Rebuilt buffers (position_ids, ...) may be absent from either side; they are never offending keys.
+    state = OrderedDict((k, v) for k, v in state.items() if k in own or not _optional_buffer(model, k))
+    if metadata is not None:
+        state._metadata = metadata
     missing = [k for k in own if k not in state and not _optional_buffer(model, k)]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own

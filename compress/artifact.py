@@ -118,6 +118,9 @@ def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
 
     if art.extra.get("pickled") or art.arch is None:
         return load_pickled_module(path, trust_pickle)
+    from . import registry
+
+    registry.load_all()  # method modules register their rebuild steps
     model = arch_mod.build(art.arch["spec"], art.arch.get("args"))
     for step in art.rebuild:
         fn = REBUILDERS.get(step.get("op"))

@@ -1,16 +1,25 @@
-"""Latency, throughput, size and accuracy of artifacts, measured the same way for every format.
+"""Latency, throughput, size, memory and accuracy of artifacts, measured the same way for every format.
 
-Warm-up runs until the running median settles (with a cap), then timed runs until a time budget or a
-count is reached. CPU time is taken with ``perf_counter_ns``; CUDA with events after synchronising.
+Every format goes through its runner (:mod:`compress.runners`) and the one timing loop :func:`time_runner`:
+under ``torch.inference_mode()``, warm up until the median of one window of runs is within 5% of the
+previous window's (with a cap on runs and time), then time runs until a time budget or a run count is
+reached. CPU time is taken with ``perf_counter_ns``; on CUDA, torch work is timed with CUDA events and a
+synchronisation after every run, and the host-to-device copy of the inputs is timed apart from compute.
+
+With ``--data``, text models are timed on real tokenized sentences at their natural (unpadded) length,
+cycling through a fixed set of real batches, and every row carries accuracy (labelled data whose classes
+fit the model) and fidelity to the source (max abs diff, cosine, top-1 agreement).
 """
 from __future__ import annotations
 
+import gc
+import io
 import json
 import math
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +29,12 @@ from .errors import CompressError
 from .outputs import write_file_atomic
 from .runners import load_runner
 
-NOISY_CV = 0.15
+NOISY_CV = 0.15            # coefficient of variation above which a row is flagged as too noisy
+NOT_FASTER = 1.05          # a stage must beat the source by 5% to count as faster
+WARMUP_WINDOW = 5          # runs per warm-up window
+WARMUP_SETTLE = 0.05       # warm-up ends when a window's median is within 5% of the previous one
+TEXT_TIMING_BATCHES = 16   # real text batches cycled through while timing
+QUALITY_BATCH = 32
 
 
 @dataclass
@@ -40,25 +54,28 @@ class BenchSettings:
     @classmethod
     def from_options(cls, options: dict | None, data: str | None = None) -> "BenchSettings":
         o = dict(options or {})
-        s = cls(devices=_list(o.get("device", "cpu"), str, "device"), batch_sizes=_list(o.get("batch_size", 1), int, "batch_size"),
-                threads=_list(o.get("threads", 1), int, "threads"), data=o.get("data", data),
-                limit=int(o.get("limit", 512)), budget_s=float(o.get("budget_s", 2.0)),
-                min_runs=int(o.get("min_runs", 10)), max_runs=int(o.get("max_runs", 1000)),
-                json=o.get("json"), markdown=o.get("markdown"), html=o.get("html"))
+        try:
+            s = cls(devices=_list(o.get("device", "cpu"), str, "device"), batch_sizes=_list(o.get("batch_size", 1), int, "batch_size"),
+                    threads=_list(o.get("threads", 1), int, "threads"), data=o.get("data") or data,
+                    limit=int(o.get("limit", 512)), budget_s=float(o.get("budget_s", 2.0)),
+                    min_runs=int(o.get("min_runs", 10)), max_runs=int(o.get("max_runs", 1000)),
+                    json=o.get("json"), markdown=o.get("markdown"), html=o.get("html"))
+        except (TypeError, ValueError) as exc:
+            raise CompressError(f"a bench setting is not a number ({exc})", "limit, min_runs and max_runs are integers, budget_s seconds") from None
         for d in s.devices:
             if d not in ("cpu", "cuda"):
                 raise CompressError(f"device '{d}' is not cpu or cuda", "Use --device cpu or --device cpu,cuda")
         if any(b < 1 for b in s.batch_sizes) or any(t < 1 for t in s.threads):
             raise CompressError("batch sizes and thread counts must be at least 1", "e.g. --batch-size 1,32 --threads 1,2")
-        if s.budget_s <= 0 or s.min_runs < 1 or s.max_runs < s.min_runs:
-            raise CompressError("budget_s must be > 0 and 1 <= min_runs <= max_runs", "Fix the bench settings")
+        if s.budget_s <= 0 or s.min_runs < 1 or s.max_runs < s.min_runs or s.limit < 1:
+            raise CompressError("budget_s must be > 0, limit >= 1 and 1 <= min_runs <= max_runs", "Fix the bench settings")
         return s
 
 
 def _list(value, typ, name) -> tuple:
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
-        out = tuple(typ(str(v).strip()) for v in items if str(v).strip())
+        out = tuple(dict.fromkeys(typ(str(v).strip()) for v in items if str(v).strip()))
     except ValueError:
         raise CompressError(f"{name} '{value}' is not a comma-separated list of {typ.__name__}s", f"e.g. --{name.replace('_', '-')} 1,8") from None
     if not out:
@@ -71,169 +88,361 @@ def _list(value, typ, name) -> tuple:
 class Timing:
     times_ms: list[float]
     warmup_runs: int
-    h2d_ms: float | None = None
+    h2d_ms: float | None = None       # host-to-device copy of one input set (CUDA), apart from compute
+    clock: str = "perf_counter"
 
     def stats(self, batch: int) -> dict:
         t = sorted(self.times_ms)
         mean = statistics.fmean(t)
-        std = statistics.pstdev(t) if len(t) > 1 else 0.0
+        std = statistics.stdev(t) if len(t) > 1 else 0.0
         return {"p50_ms": _pct(t, 50), "p90_ms": _pct(t, 90), "p99_ms": _pct(t, 99), "mean_ms": mean, "std_ms": std,
-                "cv": std / mean if mean else 0.0, "runs": len(t), "warmup_runs": self.warmup_runs,
-                "throughput_per_s": batch * 1000.0 / _pct(t, 50) if t else 0.0, "h2d_ms": self.h2d_ms}
+                "min_ms": t[0], "cv": std / mean if mean else 0.0, "runs": len(t), "warmup_runs": self.warmup_runs,
+                "throughput_per_s": batch * 1000.0 / mean if mean else 0.0, "h2d_ms": self.h2d_ms, "clock": self.clock}
 
 
 def _pct(sorted_times: list[float], q: float) -> float:
-    if not sorted_times:
-        return float("nan")
+    """Percentile with linear interpolation between closest ranks (numpy's default)."""
     k = (len(sorted_times) - 1) * q / 100.0
     lo, hi = math.floor(k), math.ceil(k)
     return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (k - lo)
 
 
 def time_runner(runner, inputs, budget_s: float = 2.0, min_runs: int = 10, max_runs: int = 1000,
-                warmup_cap: int = 50, settle: float = 0.05) -> Timing:
-    """Warm up until the median of the last 5 runs moves less than ``settle``, then time until budget/count."""
-    cuda = runner.device.startswith("cuda")
+                warmup_cap: int = 50, settle: float = WARMUP_SETTLE) -> Timing:
+    """Time ``runner`` on ``inputs`` (one tuple of tensors, or a list of them, cycled in order).
+
+    Warm-up stops when the median of a window of runs (a whole cycle of input sets, at least 5 runs) is within
+    ``settle`` of the previous window's, or after ``warmup_cap`` runs or ``budget_s`` seconds. Then runs are
+    timed until at least ``min_runs`` are done and ``budget_s`` has passed, or ``max_runs`` are done.
+    """
+    sets = [inputs] if isinstance(inputs, tuple) and all(isinstance(x, torch.Tensor) for x in inputs) else list(inputs)
+    cuda = str(runner.device).startswith("cuda")
+    gc.collect()
     with torch.inference_mode(), runner.threads_set():
-        prepared = runner.prepare(inputs)
-        runner.sync()
-        h2d = None
         if cuda:
-            t0 = time.perf_counter_ns()
-            for _ in range(5):
-                runner.prepare(inputs)
-            runner.sync()
-            h2d = (time.perf_counter_ns() - t0) / 5e6
+            sets = [tuple(x.pin_memory() for x in s) for s in sets]
+        prepared = [runner.prepare(s) for s in sets]
+        runner.sync()
+        events = cuda and _on_cuda(prepared[0])
+        h2d = _h2d_ms(runner, sets) if events else None
+        once = _cuda_clock(runner) if events else _host_clock(runner)
+        n = len(prepared)
+        window = max(WARMUP_WINDOW, n)
+        cap = max(warmup_cap, 3 * window)
         warm: list[float] = []
-        prev = None
-        while len(warm) < warmup_cap:
-            warm.append(_once(runner, prepared, cuda))
-            if len(warm) >= 5:
-                med = statistics.median(warm[-5:])
-                if prev is not None and abs(med - prev) <= settle * prev:
+        warm_deadline = time.perf_counter() + budget_s
+        while len(warm) < cap:
+            warm.append(once(prepared[len(warm) % n]))
+            if len(warm) >= 2 * window and len(warm) % window == 0:
+                before, last = statistics.median(warm[-2 * window:-window]), statistics.median(warm[-window:])
+                if abs(last - before) <= settle * before:
                     break
-                prev = med
+            if len(warm) >= 2 and time.perf_counter() > warm_deadline:
+                break
+        i = len(warm)
         times: list[float] = []
         deadline = time.perf_counter() + budget_s
         while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
-            times.append(_once(runner, prepared, cuda))
-    return Timing(times, len(warm), h2d)
+            times.append(once(prepared[i % n]))
+            i += 1
+    return Timing(times, len(warm), h2d, "cuda-events" if events else "perf_counter")
 
 
-def _once(runner, prepared, cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+def _host_clock(runner):
+    """Wall time of one run; on CUDA (runners that do not hand torch tensors, e.g. onnxruntime) after a sync."""
+    def once(prepared) -> float:
+        t0 = time.perf_counter_ns()
+        runner.run(prepared)
+        runner.sync()
+        return (time.perf_counter_ns() - t0) / 1e6
+    return once
+
+
+def _cuda_clock(runner):
+    """GPU time of one run between two CUDA events, waiting for the end event before the next run."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once(prepared) -> float:
         start.record()
         runner.run(prepared)
         end.record()
-        torch.cuda.synchronize()
+        end.synchronize()
         return start.elapsed_time(end)
-    t0 = time.perf_counter_ns()
-    runner.run(prepared)
-    return (time.perf_counter_ns() - t0) / 1e6
+    return once
 
 
-# ---------------------------------------------------------------- benchmarking artifacts
-def stage_of(label: str, art: Artifact) -> str:
-    if label == "source" or not art.stages:
+def _on_cuda(prepared) -> bool:
+    items = prepared.values() if isinstance(prepared, dict) else prepared
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in items)
+
+
+def _h2d_ms(runner, pinned_sets, reps: int = 5) -> float:
+    """Mean time to copy one (pinned) input set to the GPU, timed with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    total = 0.0
+    for _ in range(reps):
+        for s in pinned_sets:
+            torch.cuda.synchronize()
+            start.record()
+            runner.prepare(s)
+            end.record()
+            end.synchronize()
+            total += start.elapsed_time(end)
+    return total / (reps * len(pinned_sets))
+
+
+# ---------------------------------------------------------------- what an artifact is
+def stage_of(art: Artifact, baseline: bool = False) -> str:
+    if baseline or not art.stages:
         return "source"
-    return art.stages[-1]["stage"]
+    return art.stages[-1].get("stage", "source")
 
 
-def param_count(art: Artifact) -> int | None:
-    if art.model is not None and hasattr(art.model, "parameters"):
-        n = sum(p.numel() for p in art.model.parameters())
-        packed = sum(_packed_numel(m) for m in art.model.modules())
-        return n + packed
+def param_count(art: Artifact, runner=None) -> int | None:
+    """Parameters (packed int8 weights included) of a torch module, a loaded TorchScript/pt2 module or an ONNX graph."""
+    module = art.model if art.model is not None else getattr(runner, "module", None)
+    if module is not None and hasattr(module, "parameters"):
+        seen = sum(p.numel() for p in module.parameters())
+        return seen + sum(_packed_numel(m) for m in module.modules()) if hasattr(module, "modules") else seen
     if art.format == "onnx" and art.path:
         import onnx
 
         g = onnx.load(str(art.path), load_external_data=False).graph
-        return sum(math.prod(i.dims) for i in g.initializer)
+        shapes = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)   # shape constants, not weights
+        return sum(math.prod(i.dims) for i in g.initializer if i.data_type not in shapes)
     return None
 
 
 def _packed_numel(m) -> int:
     w = getattr(m, "weight", None)
-    if callable(w) and not isinstance(m, torch.nn.Parameter):
+    if callable(w) and not isinstance(w, torch.nn.Parameter):
         try:
             return w().numel()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - packed params of some backends cannot be unpacked
             return 0
     return 0
 
 
+def size_on_disk(art: Artifact) -> int | None:
+    """Bytes of the artifact's files; for a model only in memory, of its serialized state dict."""
+    size = art.size_bytes()
+    if size is not None or art.model is None:
+        return size
+    buf = io.BytesIO()
+    torch.save(art.model.state_dict(), buf)
+    return buf.tell()
+
+
+def model_facts(art: Artifact, runner=None) -> dict:
+    """What explains speed: the weights' dtype, the share of zero weights, fp32 convolutions left in an int8 model."""
+    facts: dict = {"method": art.stages[-1].get("method") if art.stages else None}
+    module = art.model if art.model is not None else getattr(runner, "module", None)
+    if module is not None and hasattr(module, "modules"):
+        weights = [m.weight for m in module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() > 1]
+        if weights:
+            facts["weights_dtype"] = str(weights[0].dtype).replace("torch.", "")
+            numel = sum(w.numel() for w in weights)
+            facts["zero_fraction"] = sum(int((w == 0).sum()) for w in weights) / numel
+        quantized = [m for m in module.modules() if type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))]
+        if quantized:
+            facts["weights_dtype"] = "int8"
+            facts["fp32_convs"] = sum(1 for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
+                                      and not type(m).__module__.startswith(("torch.ao", "torch.nn.quantized")))
+    elif art.format == "onnx" and art.path:
+        import onnx
+
+        g = onnx.load(str(art.path), load_external_data=False).graph
+        types = {onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in g.initializer if len(i.dims) > 1}
+        facts["weights_dtype"] = "int8" if types & {"int8", "uint8"} else "float16" if "float16" in types else "float32" if types else None
+    return facts
+
+
+# ---------------------------------------------------------------- inputs
+def _fixed(art: Artifact, axis: int) -> int | None:
+    """The size a file format fixes for ``axis`` (0: batch, 1: sequence), or None when it is dynamic."""
+    if art.is_torch or art.format == "torchscript":
+        return None
+    for s in art.input_spec:
+        if len(s.shape) > axis and axis not in s.dynamic_axes:
+            return s.shape[axis]
+    return None
+
+
+def _text_batches(bundle, art: Artifact, batch: int, count: int, tokenizer, pad_to: int | None):
+    from .data import batches
+
+    out = []
+    for inputs, labels in batches(bundle.eval, art.input_spec, batch, batch * count, tokenizer, pad_to=pad_to):
+        if len(labels) == batch:
+            out.append(inputs)
+    return out
+
+
+def timing_inputs(art: Artifact, batch: int, bundle=None, tokenizer=None) -> tuple[list[tuple], dict]:
+    """Input sets to time on: real tokenized text at natural length when text data is given, else example tensors."""
+    if bundle is not None and bundle.kind == "text" and tokenizer is not None:
+        seq = _fixed(art, 1)
+        sets = _text_batches(bundle, art, batch, TEXT_TIMING_BATCHES, tokenizer, seq)
+        if sets:
+            lengths = [s[0].shape[1] for s in sets]
+            return sets, {"inputs": "data", "seq_len_mean": statistics.fmean(lengths), "seq_len_max": max(lengths),
+                          "padded": seq is not None}
+    return [tuple(s.example(batch, seed=i) for i, s in enumerate(art.input_spec))], {"inputs": "synthetic"}
+
+
+# ---------------------------------------------------------------- accuracy and fidelity
+def _quality_outputs(runner, batches_) -> list[torch.Tensor]:
+    return [runner(*inputs)[0] for inputs, _ in batches_]
+
+
+def quality(outputs: list[torch.Tensor], labels: list[torch.Tensor], reference: list[torch.Tensor] | None, bundle) -> dict:
+    """Accuracy (when the data's classes fit the model's outputs) and fidelity to the reference outputs."""
+    from .evaluate import compare, summarize
+
+    m: dict = {}
+    if bundle.labelled and outputs and outputs[0].dim() == 2:
+        classes = outputs[0].shape[1]
+        if bundle.num_classes is None or bundle.num_classes == classes:
+            correct = sum(int((o.argmax(1) == y).sum()) for o, y in zip(outputs, labels))
+            m["accuracy"] = correct / sum(len(y) for y in labels)
+        else:
+            m["accuracy_skipped"] = f"the model gives {classes} outputs but '{bundle.name}' has {bundle.num_classes} classes"
+    if reference is not None:
+        s = summarize([(len(o), compare(o, r)) for o, r in zip(outputs, reference)])
+        m["max_abs_diff_vs_source"] = s["max_abs_diff"]
+        m["cosine_vs_source"] = s["cosine"]
+        if "top1_agreement" in s:
+            m["top1_agreement_vs_source"] = s["top1_agreement"]
+    m["samples"] = sum(len(y) for y in labels)
+    return m
+
+
+# ---------------------------------------------------------------- benchmarking artifacts
 def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettings, quiet: bool = False) -> dict:
-    """Measure every artifact × device × batch × threads; returns the contract's report dict."""
+    """Measure every artifact × device × batch × threads; returns the contract's report dict.
+
+    The first artifact is the baseline for speedups and fidelity.
+    """
+    from .data import load_data, tokenizer_for
     from .ui import progress
 
-    bundle = None
-    if settings.data:
-        from .data import load_data
-
-        bundle = load_data(settings.data)
+    if not artifacts:
+        raise CompressError("nothing to benchmark", "Give at least one SOURCE")
+    bundle = load_data(settings.data) if settings.data else None
+    tokenizer = None
+    if bundle is not None and bundle.kind == "text":
+        tokenizer = next((t for t in (tokenizer_for(a) for _, a in artifacts) if t is not None), None)
+        if tokenizer is None:
+            raise CompressError(f"'{settings.data}' is text, and none of the artifacts carries a tokenizer",
+                                "Bench a transformers model (hf: or zoo:minilm-l6) first, or use tensors: data")
+    quality_batches = _quality_plan(artifacts, bundle, tokenizer, settings.limit)
     rows: list[dict] = []
+    skipped: list[dict] = []
     total = len(artifacts) * len(settings.devices) * len(settings.batch_sizes) * len(settings.threads)
-    peak_before = _peak_rss_mb()
     with progress(quiet) as bar:
         task = bar.add_task("benchmarking", total=total, info="")
         for device in settings.devices:
-            reference_outputs: dict[int, tuple] = {}
-            reference_runner = None
+            reference = {"outputs": {}, "quality": None}
             for idx, (label, art) in enumerate(artifacts):
-                quality = None
+                static = {"size_bytes": size_on_disk(art), "stage": stage_of(art, idx == 0)}
+                metrics_base: dict | None = None
                 for threads in settings.threads:
-                    runner = load_runner(art, device, threads)
-                    if idx == 0 and reference_runner is None:
-                        reference_runner = runner
-                    if quality is None:
-                        quality = _quality(runner, reference_runner, bundle, settings, idx) or {}
                     for batch in settings.batch_sizes:
                         bar.update(task, info=f"{label} {device} b{batch} t{threads}")
-                        inputs = tuple(s.example(batch, seed=i) for i, s in enumerate(art.input_spec))
-                        outputs = runner(*inputs)
-                        metrics = dict(quality)
-                        if idx == 0:
-                            reference_outputs[batch] = outputs
-                        elif batch in reference_outputs:
-                            metrics["max_abs_diff_vs_source"] = float((outputs[0].float() - reference_outputs[batch][0].float()).abs().max())
-                        timing = time_runner(runner, inputs, settings.budget_s, settings.min_runs, settings.max_runs)
-                        row = {"artifact": str(art.path or art.source), "label": label, "stage": stage_of(label, art),
-                               "format": art.format, "device": device, "batch_size": batch, "threads": threads}
-                        row.update(timing.stats(batch))
-                        row["size_bytes"] = art.size_bytes()
-                        row["params"] = param_count(art)
-                        row["metrics"] = metrics
+                        try:
+                            if "runner" not in static or static["runner"].threads != threads:
+                                static["runner"] = load_runner(art, device, threads)
+                            runner = static["runner"]
+                            if metrics_base is None:
+                                metrics_base = _artifact_quality(runner, art, idx, bundle, quality_batches, reference)
+                                static.update(params=param_count(art, runner), facts=model_facts(art, runner))
+                            row = _measure(runner, art, label, idx, device, batch, threads, settings, bundle, tokenizer, reference)
+                        except (CompressError, RuntimeError, ValueError, TypeError) as exc:
+                            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                            skipped.append({"artifact": str(art.path or art.source), "label": label, "device": device,
+                                            "batch_size": batch, "threads": threads, "reason": reason})
+                            bar.advance(task)
+                            continue
+                        row.update(size_bytes=static["size_bytes"], params=static["params"], stage=static["stage"])
+                        row.update(static["facts"])
+                        row["metrics"] = {**metrics_base, **row["metrics"]}
                         rows.append(row)
                         bar.advance(task)
+                static.pop("runner", None)
+                gc.collect()
     _speedups(rows)
-    report = {"env": _env(), "rows": rows, "peak_rss_mb": max(_peak_rss_mb(), peak_before),
-              "data": settings.data}
-    report["warnings"] = warnings_for(rows)
+    report = {"env": _env(), "rows": rows, "skipped": skipped, "data": settings.data, "peak_rss_mb": _peak_rss_mb(),
+              "settings": {"budget_s": settings.budget_s, "min_runs": settings.min_runs, "max_runs": settings.max_runs,
+                           "limit": settings.limit}}
+    report["warnings"] = warnings_for(rows, report["env"]) + [f"{s['label']} ({s['device']}, batch {s['batch_size']}, "
+                                                               f"{s['threads']} thread(s)) was not measured: {s['reason']}" for s in skipped]
+    report["recommendations"] = recommendations(rows)
     if not quiet:
         print_table(report)
     return report
 
 
-def _quality(runner, reference, bundle, settings: BenchSettings, idx: int) -> dict | None:
+def _quality_plan(artifacts, bundle, tokenizer, limit: int):
+    """One set of data batches per artifact with the same sample boundaries for all, so outputs compare one to one."""
     if bundle is None:
         return None
-    from .evaluate import accuracy, fidelity
+    fixed_batches = [b for b in (_fixed(a, 0) for _, a in artifacts) if b]
+    size = min([QUALITY_BATCH, *fixed_batches])
+    seqs = [s for s in (_fixed(a, 1) for _, a in artifacts) if s] if bundle.kind == "text" else []
+    pad_to = min(seqs) if seqs else None
+    from .data import batches
 
-    if bundle.labelled:
-        try:
-            return {"accuracy": accuracy(runner, bundle, settings.limit)["accuracy"]}
-        except CompressError:
-            pass
-    if idx == 0:
+    plan = []
+    for _, art in artifacts:
+        items = [(x, y) for x, y in batches(bundle.eval, art.input_spec, size, limit, tokenizer, pad_to=pad_to)
+                 if not fixed_batches or len(y) == size]
+        plan.append(items)
+    return plan
+
+
+def _artifact_quality(runner, art, idx, bundle, quality_batches, reference) -> dict:
+    if bundle is None:
         return {}
-    f = fidelity(runner, reference, bundle, settings.limit)
-    return {k: v for k, v in f.items() if k != "samples"}
+    batches_ = quality_batches[idx]
+    outputs = _quality_outputs(runner, batches_)
+    labels = [y for _, y in batches_]
+    if idx == 0:
+        reference["quality_outputs"] = outputs
+        return quality(outputs, labels, None, bundle)
+    return quality(outputs, labels, reference.get("quality_outputs"), bundle)
+
+
+def _measure(runner, art, label, idx, device, batch, threads, settings, bundle, tokenizer, reference) -> dict:
+    sets, info = timing_inputs(art, batch, bundle, tokenizer)
+    metrics: dict = {}
+    outputs = runner(*sets[0])
+    key = batch
+    if idx == 0:
+        reference["outputs"][key] = outputs
+    elif key in reference["outputs"] and bundle is None:
+        ref = reference["outputs"][key]
+        if outputs and ref and outputs[0].shape == ref[0].shape:
+            metrics["max_abs_diff_vs_source"] = float((outputs[0].float() - ref[0].float()).abs().max())
+    del outputs
+    gpu = str(device).startswith("cuda")
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    timing = time_runner(runner, sets, settings.budget_s, settings.min_runs, settings.max_runs)
+    row = {"artifact": str(art.path or art.source), "label": label, "format": art.format, "device": device,
+           "batch_size": batch, "threads": threads, "baseline": idx == 0}
+    row.update(timing.stats(batch))
+    row.update(info)
+    row["rss_mb"] = _rss_mb()
+    row["peak_rss_mb"] = _peak_rss_mb()
+    if gpu:
+        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    row["metrics"] = metrics
+    return row
 
 
 def _speedups(rows: list[dict]) -> None:
-    base = {(r["device"], r["batch_size"], r["threads"]): r["p50_ms"] for r in rows if r["stage"] == "source"}
-    src_acc = {(r["device"]): r["metrics"].get("accuracy") for r in rows if r["stage"] == "source"}
+    base = {(r["device"], r["batch_size"], r["threads"]): r["p50_ms"] for r in rows if r["baseline"]}
+    src_acc = {r["device"]: r["metrics"].get("accuracy") for r in rows if r["baseline"]}
     for r in rows:
         b = base.get((r["device"], r["batch_size"], r["threads"]))
         r["speedup_vs_source"] = (b / r["p50_ms"]) if b and r["p50_ms"] else None
@@ -242,32 +451,79 @@ def _speedups(rows: list[dict]) -> None:
             r["metrics"]["accuracy_delta"] = acc - ref
 
 
-def warnings_for(rows: list[dict]) -> list[str]:
-    """Flag noisy measurements and stages that did not make the model faster, with the likely cause."""
+def _where(r: dict) -> str:
+    return f"{r['label']} ({r['format']}, {r['device']}, batch {r['batch_size']}, {r['threads']} thread(s))"
+
+
+def warnings_for(rows: list[dict], env: dict | None = None) -> list[str]:
+    """Flag noisy measurements and every stage that did not make the model faster, with the likely cause."""
     out = []
+    vnni = (env or {}).get("vnni", _has_vnni())
     for r in rows:
-        where = f"{r['label']} ({r['format']}, {r['device']}, batch {r['batch_size']}, {r['threads']} thread(s))"
         if r["cv"] > NOISY_CV:
-            out.append(f"{where}: timings vary by {r['cv']:.0%} (coefficient of variation); close other programs and rerun")
+            out.append(f"{_where(r)}: too noisy to trust, timings vary by {r['cv']:.0%} (coefficient of variation); "
+                       "close other programs, use a longer --budget and rerun")
         s = r.get("speedup_vs_source")
-        if r["stage"] != "source" and s is not None and s < 1.05:
-            out.append(f"{where}: no faster than the source ({s:.2f}x)" + (f"; likely cause: {likely_cause(r)}" if likely_cause(r) else ""))
+        if not r["baseline"] and s is not None and s < NOT_FASTER:
+            what = "slower than the source" if s < 1 / NOT_FASTER else "no faster than the source"
+            cause = likely_cause(r, vnni)
+            out.append(f"{_where(r)}: {what} ({s:.2f}x)" + (f"; likely cause: {cause}" if cause else ""))
     return out
 
 
-def likely_cause(row: dict) -> str | None:
-    stage, fmt, dev = row["stage"], row["format"], row["device"]
-    if stage == "prune" and fmt == "torch":
-        return "unstructured sparsity (zeros) does not speed up dense kernels; use structured pruning"
-    if fmt == "torch-quantized" and dev == "cpu":
-        return "dynamic int8 only quantizes Linear/LSTM layers; convolutions stay fp32 and gain nothing (use static int8)"
-    if fmt == "onnx" and row.get("metrics", {}).get("dtype") == "float16" and dev == "cpu":
-        return "fp16 is slow on CPUs; keep fp32 or int8 for CPU"
-    if stage == "quantize" and dev == "cpu" and not _has_vnni():
-        return "this CPU has no VNNI int8 instructions"
+def likely_cause(row: dict, vnni: bool | None = None) -> str | None:
+    """The most common reasons a compressed model is not faster, read from the row's facts."""
+    vnni = _has_vnni() if vnni is None else vnni
+    dev, dtype, stage = row["device"], row.get("weights_dtype"), row.get("stage")
+    if dev == "cpu" and dtype in ("float16", "bfloat16"):
+        return f"{dtype} on a CPU: most CPU kernels convert to fp32 and back; keep fp32 or use int8 for CPU"
+    if dev == "cpu" and row.get("fp32_convs"):
+        return (f"dynamic int8 quantizes only Linear/LSTM layers; the model's {row['fp32_convs']} convolution(s) stay fp32, "
+                "so a conv net gains nothing on x86 (use static int8: --method static --backend onnxruntime)")
+    if dev == "cpu" and dtype == "int8" and not vnni:
+        return "this CPU has no VNNI int8 instructions (avx512_vnni/avx_vnni/amx), so int8 kernels gain little over fp32"
+    if (row.get("zero_fraction") or 0) > 0.2 and stage == "prune":
+        return (f"unstructured sparsity: {row['zero_fraction']:.0%} of the weights are zero, but dense kernels do the same "
+                "work on zeros; use structured pruning (--method structured) to remove whole channels")
+    if row.get("padded"):
+        return "this artifact has a static sequence length, so it ran on padded text while the source ran at natural length"
+    if row["cv"] > NOISY_CV:
+        return "the measurement is noisy; rerun before drawing conclusions"
     if row["batch_size"] == 1 and row["p50_ms"] < 0.2:
         return "the model is so small that per-call overhead dominates"
     return None
+
+
+def recommendations(rows: list[dict]) -> list[str]:
+    """For CPU serving: from the thread sweep, whether several single-threaded processes beat one threaded process."""
+    cores = _cores()
+    out = []
+    groups: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        if r["device"] == "cpu":
+            groups.setdefault((r["label"], r["batch_size"]), {})[r["threads"]] = r
+    for (label, batch), by_threads in groups.items():
+        usable = {t: r for t, r in by_threads.items() if t <= cores}
+        if len(usable) < 2:
+            continue
+        options = [(t, cores // t, r["throughput_per_s"] * (cores // t)) for t, r in sorted(usable.items())]
+        top = max(usable)
+        single = usable[top]["throughput_per_s"]
+        t, procs, est = max(options, key=lambda o: o[2])
+        if (t, procs) == (top, cores // top):
+            out.append(f"{label}, batch {batch}: {top} threads × {cores // top} process(es) is best on this {cores}-core machine "
+                       f"({single * (cores // top):.1f} items/s)")
+        else:
+            out.append(f"{label}, batch {batch}: {t} thread(s) × {procs} processes gives ~{est:.1f} items/s vs {top} threads × 1 "
+                       f"process {single:.1f} items/s (estimate from the thread sweep on {cores} cores: processes are assumed not to slow each other)")
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _has_vnni() -> bool:
@@ -276,6 +532,15 @@ def _has_vnni() -> bool:
     except OSError:
         return True
     return "avx512_vnni" in flags or "avx_vnni" in flags or "amx" in flags
+
+
+def _rss_mb() -> float | None:
+    """Resident memory now (Linux), in MiB."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _peak_rss_mb() -> float:
@@ -295,7 +560,7 @@ def _env() -> dict:
     except ImportError:
         ort = None
     return {"cpu": env.get("device"), "gpu": env.get("gpu"), "torch": env.get("torch"), "onnxruntime": ort,
-            "cores": os.cpu_count(), "compress": env.get("compress"), "vnni": _has_vnni()}
+            "cores": _cores(), "compress": env.get("compress"), "python": env.get("python"), "vnni": _has_vnni()}
 
 
 # ---------------------------------------------------------------- reports
@@ -303,10 +568,10 @@ def _fmt_metrics(m: dict) -> str:
     parts = []
     if "accuracy" in m:
         parts.append(f"acc {m['accuracy']:.2%}" + (f" ({m['accuracy_delta']:+.2%})" if "accuracy_delta" in m else ""))
-    if "top1_agreement" in m:
-        parts.append(f"top1 {m['top1_agreement']:.1%}")
-    if "cosine" in m:
-        parts.append(f"cos {m['cosine']:.4f}")
+    if "top1_agreement_vs_source" in m:
+        parts.append(f"top1 {m['top1_agreement_vs_source']:.1%}")
+    if "cosine_vs_source" in m:
+        parts.append(f"cos {m['cosine_vs_source']:.4f}")
     if "max_abs_diff_vs_source" in m:
         parts.append(f"Δmax {m['max_abs_diff_vs_source']:.2g}")
     return ", ".join(parts)
@@ -321,14 +586,27 @@ def _size(b) -> str:
         b /= 1024
 
 
+def _count(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+
+
+HEADERS = ["artifact", "stage", "format", "device", "batch", "threads", "p50 ms", "p90 ms", "p99 ms", "cv", "items/s",
+           "speedup", "size", "params", "accuracy / fidelity"]
+LEFT = ("artifact", "stage", "format", "device", "accuracy / fidelity")
+
+
 def table_rows(report: dict) -> list[list[str]]:
-    return [[r["label"], r["format"], r["device"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
-             f"{r['p90_ms']:.3f}", f"{r['throughput_per_s']:.1f}",
+    return [[r["label"], r["stage"], r["format"], r["device"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
+             f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['cv']:.0%}", f"{r['throughput_per_s']:.1f}",
              f"{r['speedup_vs_source']:.2f}x" if r.get("speedup_vs_source") else "-", _size(r["size_bytes"]),
-             _fmt_metrics(r["metrics"])] for r in report["rows"]]
+             _count(r.get("params")), _fmt_metrics(r["metrics"])] for r in report["rows"]]
 
 
-HEADERS = ["stage", "format", "device", "batch", "threads", "p50 ms", "p90 ms", "items/s", "speedup", "size", "accuracy / fidelity"]
+def _footer(report: dict) -> str:
+    peak = report.get("peak_rss_mb")
+    return f"peak RSS {peak:.0f} MiB" + (f" · data {report['data']}" if report.get("data") else "") if peak else ""
 
 
 def print_table(report: dict) -> None:
@@ -336,40 +614,85 @@ def print_table(report: dict) -> None:
 
     from .ui import console, out_console
 
-    t = Table(title="compress bench", show_lines=False)
+    t = Table(title="compress bench", caption=_footer(report), show_lines=False)
     for h in HEADERS:
-        t.add_column(h, justify="right" if h not in ("stage", "format", "device", "accuracy / fidelity") else "left")
-    for row in table_rows(report):
-        t.add_row(*row)
+        t.add_column(h, justify="left" if h in LEFT else "right")
+    for r, cells in zip(report["rows"], table_rows(report)):
+        s = r.get("speedup_vs_source")
+        if s is not None and not r["baseline"]:
+            color = "red" if s < 1 / NOT_FASTER else "yellow" if s < NOT_FASTER else "green"
+            cells[11] = f"[{color}]{cells[11]}[/{color}]"
+        t.add_row(*cells)
     out_console().print(t)
     for w in report.get("warnings", []):
-        console().print(f"[yellow]warning:[/yellow] {w}")
+        console().print(f"[yellow]warning:[/yellow] {w}", soft_wrap=True)
+    for line in report.get("recommendations", []):
+        console().print(f"[cyan]serving:[/cyan] {line}", soft_wrap=True)
+
+
+def _env_line(report: dict) -> str:
+    e = report["env"]
+    return (f"CPU: {e.get('cpu')} ({e.get('cores')} cores, VNNI {'yes' if e.get('vnni') else 'no'}) · GPU: {e.get('gpu') or 'none'} · "
+            f"torch {e.get('torch')} · onnxruntime {e.get('onnxruntime')}")
 
 
 def markdown(report: dict) -> str:
-    lines = ["# compress bench", "", f"CPU: {report['env'].get('cpu')} · GPU: {report['env'].get('gpu') or 'none'} · "
-             f"torch {report['env'].get('torch')} · onnxruntime {report['env'].get('onnxruntime')}", "",
-             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    lines = ["# compress bench", "", _env_line(report), "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" if h in LEFT else "---:" for h in HEADERS) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in table_rows(report)]
+    if _footer(report):
+        lines += ["", _footer(report)]
     if report.get("warnings"):
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+        lines += ["", "## Did it get faster? Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+    if report.get("recommendations"):
+        lines += ["", "## CPU serving", ""] + [f"- {r}" for r in report["recommendations"]]
     return "\n".join(lines) + "\n"
 
 
 def html(report: dict) -> str:
+    """A single self-contained HTML file: table, warnings, and inline SVG plots when matplotlib is installed."""
     from html import escape
 
+    from .plots import svg_plots
+
     head = "".join(f"<th>{escape(h)}</th>" for h in HEADERS)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(report))
-    warn = "".join(f"<li>{escape(w)}</li>" for w in report.get("warnings", []))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>compress bench</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style>"
-            f"</head><body><h1>compress bench</h1><p>{escape(str(report['env'].get('cpu')))}</p><table><tr>{head}</tr>{body}</table>"
-            f"{'<h2>Warnings</h2><ul>' + warn + '</ul>' if warn else ''}</body></html>")
+    body = "".join("<tr>" + "".join(f"<td class='{'l' if h in LEFT else 'r'}'>{escape(c)}</td>" for h, c in zip(HEADERS, r)) + "</tr>"
+                   for r in table_rows(report))
+    parts = [f"<h1>compress bench</h1><p>{escape(_env_line(report))}</p>", f"<table><tr>{head}</tr>{body}</table>",
+             f"<p>{escape(_footer(report))}</p>"]
+    if report.get("warnings"):
+        parts.append("<h2>Did it get faster? Warnings</h2><ul>" + "".join(f"<li>{escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+    if report.get("recommendations"):
+        parts.append("<h2>CPU serving</h2><ul>" + "".join(f"<li>{escape(r)}</li>" for r in report["recommendations"]) + "</ul>")
+    try:
+        plots = svg_plots(report)
+    except ImportError:
+        parts.append("<p class='note'>Plots need matplotlib, which is not installed: pip install 'compress[report]'.</p>")
+    else:
+        parts.append("<h2>Plots</h2>" + "".join(f"<figure><figcaption>{escape(title)}</figcaption>{svg}</figure>" for title, svg in plots))
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:14px}"
+             "td,th{border:1px solid #ccc;padding:4px 8px}td.r{text-align:right}td.l{text-align:left}th{background:#f3f3f3}"
+             "figure{display:inline-block;margin:1em}figcaption{font-weight:bold}.note{color:#a60}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>compress bench</title><style>{style}</style></head>"
+            f"<body>{''.join(parts)}</body></html>\n")
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(_jsonable(report), indent=2, default=str, allow_nan=False) + "\n"
 
 
 def write_reports(report: dict, directory: Path | None, settings: BenchSettings) -> list[Path]:
-    """Write report.json/.md/.html into ``directory`` (pipelines) and wherever --json/--markdown/--html say."""
+    """Write report.json/.md/.html into ``directory`` (pipelines) and wherever --json/--markdown/--html say, atomically."""
     written = []
     targets = []
     if directory is not None:
@@ -377,7 +700,7 @@ def write_reports(report: dict, directory: Path | None, settings: BenchSettings)
     for path, kind in ((settings.json, "json"), (settings.markdown, "md"), (settings.html, "html")):
         if path:
             targets.append((Path(path), kind))
+    render = {"json": to_json, "md": markdown, "html": html}
     for path, kind in targets:
-        text = json.dumps(report, indent=2, default=str) if kind == "json" else markdown(report) if kind == "md" else html(report)
-        written.append(write_file_atomic(path, text))
+        written.append(write_file_atomic(path, render[kind](report)))
     return written

@@ -20,8 +20,9 @@ def accuracy(runner, bundle: DataBundle, limit: int | None = None, batch_size: i
     tokenizer = tokenizer or tokenizer_for(runner.artifact)
     correct = total = 0
     for out, labels in _outputs(runner, bundle, limit, batch_size, tokenizer):
-        if out.dim() != 2:
-            raise CompressError(f"the model's output has shape {tuple(out.shape)}, not [batch, classes]", "Accuracy needs a classifier")
+        if out.dim() != 2 or (bundle.num_classes and out.shape[1] != bundle.num_classes):
+            raise CompressError(f"the model's output has shape {tuple(out.shape)}, not [batch, {bundle.num_classes or 'classes'}]",
+                                "Accuracy needs a classifier for this data; fidelity is reported instead")
         correct += int((out.argmax(1) == labels).sum())
         total += len(labels)
     return {"accuracy": correct / total, "samples": total}

@@ -303,6 +303,8 @@ class RunResult:
 def run(doc: dict, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
         where: str = "pipeline") -> RunResult:
     """Check, then run every stage, saving each; then bench. The one code path of CLI, YAML and API."""
+    from rich.markup import escape
+
     from . import sources
     from .ui import console, status
 
@@ -333,7 +335,7 @@ def run(doc: dict, out: str | Path, *, force: bool = False, resume: bool = False
                 shutil.copytree(reused, tmp / "stages" / sp.label)
                 current = load_run_dir(tmp / "stages" / sp.label, trust_pickle=bool(m.get("trust_pickle")))
                 if not quiet:
-                    console().print(f"[dim]reusing {sp.label} from {out}[/dim]")
+                    console().print(f"[dim]reusing {sp.label} from {escape(str(out))}[/dim]")
             else:
                 current = _run_stage(sp, current, source, tmp, single, plan, quiet)
             artifacts.append((sp.label, current))

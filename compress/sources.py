@@ -133,6 +133,9 @@ def read_state_dict(path: Path, trust_pickle: bool = False):
     except pickle.UnpicklingError as exc:
         if not _looks_like_pickle(path):
             raise CompressError(f"{path} is not a PyTorch checkpoint ({_short(exc)})", "Give a .pt/.pth/.safetensors state dict, an .onnx, a .pt2 or a TorchScript file") from None
+        if "global" not in str(exc).lower():  # the safe unpickler choked on the bytes themselves, not on code
+            raise CompressError(f"{path} could not be read as a PyTorch checkpoint ({_pickle_problem(exc)})",
+                                "The file is corrupt, truncated or of another type; recreate it") from None
         if not trust_pickle:
             raise CompressError(f"{path} holds pickled Python objects, not only weights, and {PICKLE_WHY}",
                                 "Save a state dict instead (torch.save(model.state_dict(), path)), or pass --trust-pickle if you trust the file") from None
@@ -163,11 +166,12 @@ def _unwrap_state(obj, path: Path):
             if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 obj = inner
                 break
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            if all(k.startswith("module.") for k in tensors):  # saved from DataParallel/DDP
-                tensors = {k[len("module."):]: v for k, v in tensors.items()}
-            return tensors
+        # Quantized state dicts also hold dtypes and packed (tensor, bias) tuples: keep every entry.
+        # (obj is returned as is: its _metadata carries the layer versions quantized modules need to load.)
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+                obj = {k[len("module."):]: v for k, v in obj.items()}
+            return obj
     if isinstance(obj, (torch.Tensor, list, tuple)):
         return obj
     raise CompressError(f"{path} holds a {type(obj).__name__} without tensors, not a state dict", "Save model.state_dict()")
@@ -233,6 +237,13 @@ def _pt2_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
     if not specs:
         raise CompressError(f"the input shape of {path} cannot be read from it", "Give --input-shape")
     return Artifact("pt2", specs, str(path), path=path)
+
+
+def _pickle_problem(exc: BaseException) -> str:
+    """The useful line of torch's long 'Weights only load failed' message."""
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    useful = [l for l in lines if not l.startswith(("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch"))]
+    return (useful[0] if useful else _short(exc))[:160]
 
 
 def _short(exc: BaseException) -> str:
