@@ -212,6 +212,7 @@ def export(source, arch, arch_args, input_shape, example_input, static_shapes, t
 @cli.command(context_settings=CONTEXT, epilog="""\b
 Examples:
   compress bench zoo:mobilenet_v2 runs/int8 --data photos --batch-size 1,32 --threads 1,2
+  compress bench zoo:minilm-l6 runs/minilm-onnx --data rotten-tomatoes     (real sentences, natural length)
   compress bench runs/demo --json bench.json --markdown bench.md --html bench.html
   compress bench model.onnx runs/ts --device cpu,cuda
 """)
@@ -219,20 +220,28 @@ Examples:
 @model_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cpu,cuda.")
 @click.option("--batch-size", default="1", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--threads", default="1", show_default=True, help="Comma-separated CPU thread counts.")
+@click.option("--threads", default="1", show_default=True, help="Comma-separated thread counts (torch and onnxruntime).")
 @click.option("--budget", type=float, default=2.0, show_default=True, help="Timed seconds per row.")
+@click.option("--max-runs", type=int, default=1000, show_default=True, help="Stop timing a row after this many runs.")
+@click.option("--limit", type=int, default=512, show_default=True, help="Samples of --data used for accuracy and fidelity.")
 @DATA_OPTION
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--markdown", type=click.Path(), help="Write the report as Markdown.")
 @click.option("--html", type=click.Path(), help="Write a self-contained HTML report with plots.")
 @global_flags
-def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, device, batch_size, threads, budget, data, json_path, markdown, html):
-    """Measure latency, throughput, size and accuracy of one or more artifacts."""
+def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, device, batch_size, threads, budget,
+          max_runs, limit, data, json_path, markdown, html):
+    """Measure latency, throughput, size, memory and accuracy of one or more artifacts.
+
+    The first SOURCE is the baseline for speedups and fidelity; when it is a run directory whose manifest
+    names an earlier source that can still be loaded, that source is benched first as the baseline.
+    """
     from compress import sources as src_mod
     from compress.bench import BenchSettings, bench_artifacts, write_reports
     from compress.ui import console
 
     settings = BenchSettings.from_options({"device": device, "batch_size": batch_size, "threads": threads, "budget_s": budget,
+                                           "max_runs": max_runs, "min_runs": min(10, max_runs), "limit": limit,
                                            "json": json_path, "markdown": markdown, "html": html}, data)
     for path in (json_path, markdown, html):
         if path and Path(path).exists() and not STATE["force"]:
@@ -240,10 +249,35 @@ def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, t
     artifacts = []
     for s in _expand_run_dirs(sources):
         art = src_mod.load(s, arch, arch_args, input_shape, static_shapes, trust_pickle, example_input)
-        artifacts.append(("source" if not artifacts else Path(s).name or s, art))
+        artifacts.append((Path(s).name or s, art))
+    baseline = _manifest_baseline(artifacts[0][1], input_shape)
+    if baseline is not None:
+        artifacts.insert(0, ("source", baseline))
+    else:
+        artifacts[0] = ("source", artifacts[0][1])
     report = bench_artifacts(artifacts, settings, quiet=STATE["quiet"])
     for p in write_reports(report, None, settings):
         console().print(f"wrote {p}")
+
+
+def _manifest_baseline(first, input_shape):
+    """The earlier source a run directory's manifest names (e.g. zoo:mobilenet_v2), loaded, or None."""
+    from compress import sources as src_mod
+
+    if not first.stages or not first.source:
+        return None
+    arch = first.arch or {}
+    shapes = list(input_shape) or [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in first.input_spec]
+    try:
+        return src_mod.load(first.source, arch.get("spec") if not str(first.source).startswith(("zoo:", "hf:")) else None,
+                            arch.get("args") or None, shapes)
+    except CompressError as exc:
+        if not STATE["quiet"]:
+            from compress.ui import console
+
+            console().print(f"[dim]baseline: the manifest's source {first.source} cannot be loaded ({exc.what}); "
+                            f"using the first SOURCE[/dim]", soft_wrap=True)
+        return None
 
 
 def _expand_run_dirs(sources) -> list[str]:

@@ -43,6 +43,9 @@ class Artifact:
     rebuild: list[dict] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # The float model a torch-quantized model came from: saved instead when the int8 state cannot be
+    # stored without pickling (dynamic-quantized LSTM/GRU), and re-quantized on load.
+    float_model: Any = field(default=None, repr=False, compare=False)
 
     def evolve(self, **changes) -> "Artifact":
         return replace(self, **changes)
@@ -80,7 +83,17 @@ def save(artifact: Artifact, directory: Path) -> Artifact:
             state = {k: v.detach().contiguous().clone() for k, v in artifact.model.state_dict().items()}
             save_file(state, str(directory / model_file))
         else:
-            torch.save(artifact.model.state_dict(), directory / model_file)
+            state = artifact.model.state_dict()
+            if _loads_without_pickle(state):
+                torch.save(state, directory / model_file)
+            elif artifact.float_model is not None:
+                from safetensors.torch import save_file
+
+                model_file = "model.float.safetensors"
+                extra["requantize_on_load"] = True
+                save_file({k: v.detach().contiguous().clone() for k, v in artifact.float_model.state_dict().items()}, str(directory / model_file))
+            else:
+                raise CompressError("this quantized model cannot be saved without pickling", "Quantize from a float model in the same command")
     else:
         if artifact.path is None:
             raise CompressError(f"a {artifact.format} artifact has no file to save", "This is a bug; run with --debug")
@@ -122,11 +135,32 @@ def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
 
     registry.load_all()  # method modules register their rebuild steps
     model = arch_mod.build(art.arch["spec"], art.arch.get("args"))
-    for step in art.rebuild:
-        fn = REBUILDERS.get(step.get("op"))
-        if fn is None:
-            raise CompressError(f"{path.parent} needs the rebuild step '{step.get('op')}', which this version does not know",
-                                "Upgrade compress, or re-create the run directory")
-        model = fn(model, step)
+    # Float weights saved for a quantized model: quantization steps replay after the weights are loaded.
+    after = [s for s in art.rebuild if art.extra.get("requantize_on_load") and str(s.get("op", "")).startswith("quantize")]
+    for step in [s for s in art.rebuild if s not in after]:
+        model = _replay(model, step, path)
     arch_mod.load_state_dict(model, read_state_dict(path), f"{art.arch['spec']} (rebuilt from {path.parent})")
+    for step in after:
+        model = _replay(model, step, path)
     return model.eval()
+
+
+def _replay(model: nn.Module, step: dict, path: Path) -> nn.Module:
+    fn = REBUILDERS.get(step.get("op"))
+    if fn is None:
+        raise CompressError(f"{path.parent} needs the rebuild step '{step.get('op')}', which this version does not know",
+                            "Upgrade compress, or re-create the run directory")
+    return fn(model, step)
+
+
+def _loads_without_pickle(state: dict) -> bool:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    try:
+        torch.load(buf, weights_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - weights_only refuses ScriptObjects (packed LSTM weights)
+        return False

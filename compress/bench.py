@@ -214,13 +214,17 @@ def param_count(art: Artifact, runner=None) -> int | None:
 
 
 def _packed_numel(m) -> int:
-    w = getattr(m, "weight", None)
-    if callable(w) and not isinstance(w, torch.nn.Parameter):
-        try:
-            return w().numel()
-        except Exception:  # noqa: BLE001 - packed params of some backends cannot be unpacked
-            return 0
-    return 0
+    """Elements of packed (quantized) weight and bias, which modules expose as methods rather than parameters."""
+    n = 0
+    for name in ("weight", "bias"):
+        fn = getattr(m, name, None)
+        if callable(fn) and not isinstance(fn, torch.Tensor):
+            try:
+                t = fn()
+            except Exception:  # noqa: BLE001 - packed params of some backends cannot be unpacked
+                continue
+            n += t.numel() if isinstance(t, torch.Tensor) else 0
+    return n
 
 
 def size_on_disk(art: Artifact) -> int | None:
@@ -301,8 +305,11 @@ def quality(outputs: list[torch.Tensor], labels: list[torch.Tensor], reference: 
 
     m: dict = {}
     if bundle.labelled and outputs and outputs[0].dim() == 2:
-        classes = outputs[0].shape[1]
-        if bundle.num_classes is None or bundle.num_classes == classes:
+        from .data import BUILTIN
+
+        classes, n = outputs[0].shape[1], bundle.num_classes
+        # built-in sets know their class count; for user data it is the largest label + 1, which may be fewer
+        if n is None or n == classes or (bundle.name not in BUILTIN and n <= classes):
             correct = sum(int((o.argmax(1) == y).sum()) for o, y in zip(outputs, labels))
             m["accuracy"] = correct / sum(len(y) for y in labels)
         else:
@@ -447,7 +454,7 @@ def _speedups(rows: list[dict]) -> None:
         b = base.get((r["device"], r["batch_size"], r["threads"]))
         r["speedup_vs_source"] = (b / r["p50_ms"]) if b and r["p50_ms"] else None
         acc, ref = r["metrics"].get("accuracy"), src_acc.get(r["device"])
-        if acc is not None and ref is not None:
+        if acc is not None and ref is not None and not r["baseline"]:
             r["metrics"]["accuracy_delta"] = acc - ref
 
 
@@ -459,10 +466,13 @@ def warnings_for(rows: list[dict], env: dict | None = None) -> list[str]:
     """Flag noisy measurements and every stage that did not make the model faster, with the likely cause."""
     out = []
     vnni = (env or {}).get("vnni", _has_vnni())
+    noisy = [r for r in rows if r["cv"] > NOISY_CV]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["cv"])
+        out.append(f"{len(noisy)} of {len(rows)} row(s) are too noisy to trust: timings vary by more than {NOISY_CV:.0%} "
+                   f"(coefficient of variation; worst {worst['cv']:.0%} for {_where(worst)}); close other programs, "
+                   "give a longer --budget and rerun")
     for r in rows:
-        if r["cv"] > NOISY_CV:
-            out.append(f"{_where(r)}: too noisy to trust, timings vary by {r['cv']:.0%} (coefficient of variation); "
-                       "close other programs, use a longer --budget and rerun")
         s = r.get("speedup_vs_source")
         if not r["baseline"] and s is not None and s < NOT_FASTER:
             what = "slower than the source" if s < 1 / NOT_FASTER else "no faster than the source"
@@ -514,7 +524,7 @@ def recommendations(rows: list[dict]) -> list[str]:
             out.append(f"{label}, batch {batch}: {top} threads × {cores // top} process(es) is best on this {cores}-core machine "
                        f"({single * (cores // top):.1f} items/s)")
         else:
-            out.append(f"{label}, batch {batch}: {t} thread(s) × {procs} processes gives ~{est:.1f} items/s vs {top} threads × 1 "
+            out.append(f"{label}, batch {batch}: {t} thread{'s' * (t > 1)} × {procs} processes gives ~{est:.1f} items/s vs {top} threads × 1 "
                        f"process {single:.1f} items/s (estimate from the thread sweep on {cores} cores: processes are assumed not to slow each other)")
     return out
 

@@ -255,6 +255,11 @@ def _source_format(source: str) -> str:
         except (OSError, ValueError):
             return "?"
     suffix = p.suffix.lower()
+    if p.is_file() and suffix not in (".onnx", ".pt2", ".safetensors"):
+        from .sources import _is_torchscript
+
+        if _is_torchscript(p):
+            return "torchscript"
     return {".onnx": "onnx", ".pt2": "pt2", ".engine": "tensorrt", ".plan": "tensorrt"}.get(suffix, "torch" if p.exists() else "?")
 
 
@@ -329,8 +334,10 @@ def run(doc: dict, out: str | Path, *, force: bool = False, resume: bool = False
     current = source
     done_any = False
     try:
-        for sp in plan.stages:
-            reused = _reusable(out, sp) if resume and not single else None
+        reusing = resume and not single
+        for i, sp in enumerate(plan.stages):
+            reused = _reusable(out, plan.stages[: i + 1], source) if reusing else None
+            reusing = reused is not None  # once a stage runs again, every later stage must run again too
             if reused is not None:
                 shutil.copytree(reused, tmp / "stages" / sp.label)
                 current = load_run_dir(tmp / "stages" / sp.label, trust_pickle=bool(m.get("trust_pickle")))
@@ -396,15 +403,18 @@ def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, tmp: Path, si
     return saved
 
 
-def _reusable(out: Path, sp: StagePlan) -> Path | None:
-    d = out / "stages" / sp.label
+def _reusable(out: Path, upto: list[StagePlan], source: Artifact) -> Path | None:
+    """The stage folder of ``upto[-1]`` in OUT, if it was made from the same source by the same stages and configs."""
+    d = out / "stages" / upto[-1].label
     if not (d / MANIFEST).exists():
         return None
     try:
-        last = Manifest.read(d).stages[-1]
-    except (CompressError, IndexError):
+        made = Manifest.read(d)
+    except CompressError:
         return None
-    return d if {k: last.get(k) for k in ("stage", "method", "config")} == sp.record() else None
+    history = [{k: s.get(k) for k in ("stage", "method", "config")} for s in made.stages]
+    wanted = [{k: s.get(k) for k in ("stage", "method", "config")} for s in source.stages] + [sp.record() for sp in upto]
+    return d if made.source == source.source and history == wanted else None
 
 
 def _keep_completed(tmp: Path, out: Path, artifacts, exc: BaseException) -> None:

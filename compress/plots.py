@@ -33,7 +33,7 @@ def _figure(width: float = 7.0, height: float = 4.0):
 def _svg(fig) -> str:
     fig.tight_layout()
     buf = io.StringIO()
-    fig.savefig(buf, format="svg")
+    fig.savefig(buf, format="svg", metadata={"Date": None})
     text = buf.getvalue()
     return text[text.index("<svg"):]
 

