@@ -318,7 +318,7 @@ def quality(outputs: list[torch.Tensor], labels: list[torch.Tensor], reference: 
         s = summarize([(len(o), compare(o, r)) for o, r in zip(outputs, reference)])
         m["max_abs_diff_vs_source"] = s["max_abs_diff"]
         m["cosine_vs_source"] = s["cosine"]
-        if "top1_agreement" in s:
+        if "top1_agreement" in s and "accuracy_skipped" not in m:    # argmax only means something for class scores
             m["top1_agreement_vs_source"] = s["top1_agreement"]
     m["samples"] = sum(len(y) for y in labels)
     return m
@@ -615,8 +615,14 @@ def table_rows(report: dict) -> list[list[str]]:
 
 
 def _footer(report: dict) -> str:
-    peak = report.get("peak_rss_mb")
-    return f"peak RSS {peak:.0f} MiB" + (f" · data {report['data']}" if report.get("data") else "") if peak else ""
+    parts = [f"peak RSS {report['peak_rss_mb']:.0f} MiB"] if report.get("peak_rss_mb") else []
+    if report.get("data"):
+        parts.append(f"data {report['data']}")
+    text = [r for r in report["rows"] if r.get("inputs") == "data"]
+    if text:
+        lengths = sorted({round(r["seq_len_mean"]) for r in text})
+        parts.append(f"timed on real text at natural length (mean {', '.join(map(str, lengths))} tokens per batch)")
+    return " · ".join(parts)
 
 
 def print_table(report: dict) -> None:

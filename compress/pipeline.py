@@ -317,13 +317,13 @@ def run(doc: dict, out: str | Path, *, force: bool = False, resume: bool = False
     out = Path(out)
     m = plan.model
     shapes = m.get("input_shape") or ()
+    if not plan.stages and plan.bench is None:
+        raise CompressError("the pipeline has no stages and no bench section, so there is nothing to do", "Add stages or a bench section")
+    protect = (Path(m["source"]),) if not str(m["source"]).startswith("zoo:") else ()
+    check_destination(out, force or resume, protect)   # before the (possibly slow) load: fail fast
     with status(f"loading {m['source']}", quiet):
         source = sources.load(m["source"], m.get("arch"), m.get("arch_args"), [shapes] if isinstance(shapes, str) else shapes,
                               bool(m.get("static_shapes")), bool(m.get("trust_pickle")), m.get("example_input"))
-    protect = (Path(m["source"]),) if not str(m["source"]).startswith("zoo:") else ()
-    check_destination(out, force or resume, protect)
-    if not plan.stages and plan.bench is None:
-        raise CompressError("the pipeline has no stages and no bench section, so there is nothing to do", "Add stages or a bench section")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial"

@@ -85,8 +85,11 @@ def _torch_artifact(model: nn.Module, spec: str, args: dict, specs: list[InputSp
     if not specs:
         raise CompressError(f"the input shape of {spec} is not known", "Give --input-shape, e.g. --input-shape 1x3x32x32")
     if isinstance(model, arch_mod.HFModel):
-        spec = f"hf:{model.path}"
+        spec = f"hf:{Path(model.path).resolve()}"
         args = {**args, "task": model.task, "pooling": model.pooling, "normalize": model.normalize}
+    target, _, attr = spec.rpartition(":")
+    if target.endswith(".py"):  # the manifest must rebuild the model from any working directory
+        spec = f"{Path(target).resolve()}:{attr}"
     return Artifact("torch", specs, source, model=model, arch={"spec": spec, "args": args})
 
 

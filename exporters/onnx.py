@@ -24,6 +24,7 @@ from compress.specs import InputSpec
 from .verify import example_inputs, export_batch, verify
 
 EXTERNAL_DATA_BYTES = 1_800_000_000   # protobuf cannot hold 2 GB; keep headroom for the graph itself
+FUSION_OPSET = 17
 BERT_LIKE = {"bert": "bert", "roberta": "bert", "xlm-roberta": "bert", "distilbert": "bert", "electra": "bert",
              "camembert": "bert", "mpnet": "bert"}
 
@@ -51,12 +52,14 @@ def export_onnx(artifact: Artifact, config: OnnxConfig, ctx) -> Artifact:
     if config.optimize and bert_type is None:
         raise CompressError("optimize: true applies onnxruntime's transformer optimizer, which needs a BERT-like transformers model",
                             f"Drop optimize for this model ({(artifact.arch or {}).get('spec', 'no architecture spec')})")
-    exporter = config.exporter
-    if exporter == "auto" and bert_type is not None:
-        # onnxruntime's attention fusion recognises the TorchScript-based exporter's graph (eager attention), not dynamo's.
-        exporter = "legacy-first"
+    exporter, opset = config.exporter, config.opset
+    if bert_type is not None:
+        # onnxruntime's attention fusion recognises the TorchScript-based exporter's graph (eager attention) at
+        # opsets up to 17 (from 18 on LayerNormalization and the attention mask come out in other forms), not dynamo's.
+        exporter = "legacy-first" if exporter == "auto" else exporter
+        opset = opset or FUSION_OPSET
     path = Path(ctx.workdir) / "model.onnx"
-    info = export_file(artifact.model, specs, path, opset=config.opset, exporter=exporter, external_data=config.external_data,
+    info = export_file(artifact.model, specs, path, opset=opset, exporter=exporter, external_data=config.external_data,
                        optimize=bert_type, fp16=config.fp16, arch=artifact.arch)
     out = artifact.evolve(format="onnx", path=path, model=None, input_spec=specs, extra={k: info[k] for k in ("exporter", "opset")})
     ctx.metrics.update(info)
@@ -131,7 +134,7 @@ def export_file(model: torch.nn.Module, specs: list[InputSpec], path: Path, *, o
             failed = next(iter(errors))
             info["fallback_reason"] = f"{failed} exporter failed: {_first_line(errors[failed])}"
         elif exporter == "legacy-first":
-            info["exporter_reason"] = "optimize: onnxruntime's BERT fusion needs the TorchScript-based exporter's graph"
+            info["exporter_reason"] = f"optimize: onnxruntime's BERT fusion needs the TorchScript-based exporter's graph (opset <= {FUSION_OPSET})"
         proto = onnx.load(str(raw))
         if optimize:
             proto, info["fused_operators"] = _optimize(raw, optimize, arch)
@@ -201,6 +204,8 @@ def _quiet():
 def _optimize(raw: Path, model_type: str, arch: dict | None):
     import json
 
+    import onnx
+
     from onnxruntime.transformers.optimizer import optimize_model
 
     from compress.arch import resolve_hf_path
@@ -210,7 +215,11 @@ def _optimize(raw: Path, model_type: str, arch: dict | None):
         opt = optimize_model(str(raw), model_type=model_type, num_heads=int(cfg.get("num_attention_heads", 0)),
                              hidden_size=int(cfg.get("hidden_size", 0)), opt_level=0)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    return opt.model, fused
+    proto = opt.model
+    domains = {n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")}
+    for d in domains - {o.domain for o in proto.opset_import}:
+        proto.opset_import.append(onnx.helper.make_opsetid(d, 1))   # fused ops (Attention, SkipLayerNormalization...)
+    return proto, fused
 
 
 def _bert_type(artifact: Artifact) -> str | None:

@@ -50,7 +50,7 @@ def export_torchscript(artifact: Artifact, config: TorchScriptConfig, ctx) -> Ar
     out = artifact.evolve(format="torchscript", path=path, model=None,
                           extra={"mode": config.mode, "frozen": config.freeze, "deprecated": "TorchScript is deprecated upstream; prefer pt2"})
     ctx.metrics.update({"exporter": f"torch.jit.{config.mode}", "frozen": config.freeze, "optimize_for_inference": optimized})
-    ctx.metrics.update(verify(artifact, out, ctx, target="torchscript", atol=config.atol))
+    ctx.metrics.update(verify(artifact, out, ctx, target="torchscript-frozen" if config.freeze else "torchscript", atol=config.atol))
     ctx.metrics["file_size_bytes"] = out.size_bytes()
     return out
 

@@ -418,3 +418,65 @@ def test_torchvision_source_through_a_subprocess(tmp_path):
     # the bench-only run directory is itself a SOURCE
     again = sources.load(out)
     assert again.format == "torch" and models.same_weights(again.model, model)
+
+
+# ---------------------------------------------------------------- ONNX, input specs and built-in names
+def _tiny_onnx(path: Path, dynamic: bool = True) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    batch = "batch" if dynamic else 2
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 3, 8, 8])
+    graph = helper.make_graph([helper.make_node("Relu", ["pixels"], ["out"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_onnx_file_reads_its_input_spec(tmp_path):
+    art = sources.load(_tiny_onnx(tmp_path / "m.onnx"))
+    assert art.format == "onnx" and art.path == tmp_path / "m.onnx"
+    assert art.input_spec == [InputSpec("pixels", (1, 3, 8, 8), "float32", (0,))]
+    fixed = sources.load(_tiny_onnx(tmp_path / "fixed.onnx", dynamic=False))
+    assert fixed.input_spec == [InputSpec("pixels", (2, 3, 8, 8), "float32", ())]
+    override = sources.load(tmp_path / "m.onnx", input_shapes=["4x3x8x8"])
+    assert override.input_spec == [InputSpec("pixels", (4, 3, 8, 8), "float32", (0,))]
+    with pytest.raises(CompressError, match="takes 1 input.s. but 2 --input-shape"):
+        sources.load(tmp_path / "m.onnx", input_shapes=["1x3x8x8", "1x3x8x8"])
+
+
+def test_example_input_and_static_shapes(tmp_path, tiny_state):
+    example = tmp_path / "example.pt"
+    torch.save(torch.randn(2, 3, 40, 40), example)
+    arch = ("tests.models:TinyCNN", {"num_classes": 5})
+    art = sources.load(tiny_state[0], *arch, example_input=str(example))
+    assert art.input_spec == [InputSpec("input", (2, 3, 40, 40), "float32", (0,))]
+    static = sources.load(tiny_state[0], *arch, input_shapes=["1x3x32x32"], static_shapes=True)
+    assert static.input_spec[0].dynamic_axes == ()
+    ids = sources.load(tiny_state[0], *arch, input_shapes=["input_ids=1x16:int64", "attention_mask=1x16:long"])
+    assert [(s.name, s.dtype) for s in ids.input_spec] == [("input_ids", "int64"), ("attention_mask", "int64")]
+    for bad, pattern in (("1x3xax2", "not of the form"), ("1x0x3", "zero dimension"), ("1x3:float8", "dtype 'float8'")):
+        with pytest.raises(CompressError, match=pattern):
+            sources.load(tiny_state[0], *arch, input_shapes=[bad])
+    with pytest.raises(CompressError, match="input shape of tests.models:TinyCNN is not known.*--input-shape"):
+        sources.load(tiny_state[0], *arch)
+
+
+def test_zoo_names(tmp_path):
+    with pytest.raises(CompressError, match="no built-in model 'zoo:mobilenet'.*zoo:mobilenet_v2"):
+        sources.load("zoo:mobilenet")
+    with pytest.raises(CompressError, match="does not exist.*zoo:NAME"):
+        sources.load(tmp_path / "mobilenet_v2")
+
+
+def test_relative_arch_file_is_recorded_absolute(tmp_path, monkeypatch, tiny_state):
+    """A run directory made with --arch arch.py:Net still loads from another working directory."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "arch.py").write_text("from tests.models import TinyCNN as Net\n")
+    monkeypatch.chdir(work)
+    art = sources.load(tiny_state[0], "arch.py:Net", {"num_classes": 5}, input_shapes=["1x3x32x32"])
+    assert art.arch["spec"] == f"{work / 'arch.py'}:Net"
+    save(art, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert models.same_weights(sources.load(tmp_path / "run").model, tiny_state[1])

@@ -1,0 +1,140 @@
+"""ONNX Runtime int8: static Q/DQ with calibration on real data, and dynamic int8 for MatMul/Gemm.
+
+A torch input is exported to fp32 ONNX first (the torch exporter cannot export torch-quantized models),
+then run through onnxruntime's pre-processing and quantizer. The Q/DQ graph is also what TensorRT 11
+builds int8 engines from.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from pathlib import Path
+
+from ..artifact import Artifact
+from ..errors import CompressError, require
+
+CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def fp32_onnx(artifact: Artifact, scratch: Path, optimize_bert: bool = False) -> tuple[Path, list]:
+    """The artifact as an fp32 ONNX file (exported here when it is a torch model)."""
+    if artifact.format == "onnx":
+        return Path(artifact.path), artifact.input_spec
+    if artifact.format != "torch":
+        raise CompressError(f"onnxruntime quantization takes a torch or ONNX model, not {artifact.format}", "Quantize before exporting to other formats")
+    from ..exporters.onnx import _bert_type, export_file
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / "fp32.onnx"
+    bert = _bert_type(artifact) if optimize_bert else None
+    export_file(artifact.model, artifact.input_spec, path, exporter="legacy-first" if bert else "auto", optimize=bert, arch=artifact.arch)
+    return path, artifact.input_spec
+
+
+def preprocess(src: Path, dst: Path) -> str:
+    """onnxruntime's recommended pre-processing (shape inference, graph optimisation); transformer graphs may need
+    symbolic shape inference skipped. Returns what ran."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    for skip_symbolic in (False, True):
+        try:
+            with _quiet():
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
+            return "quant_pre_process" + (" (symbolic shape inference skipped)" if skip_symbolic else "")
+        except Exception:  # noqa: BLE001 - pre-processing is an optimisation; fall back to the raw graph
+            continue
+    shutil.copy(src, dst)
+    return "none (pre-processing failed on this graph)"
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over real data batches."""
+
+    def __init__(self, batches, names):
+        self.items = [dict(zip(names, (t.numpy() for t in inputs))) for inputs in batches]
+        self.it = iter(self.items)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.items)
+
+
+def calibration_batches(artifact: Artifact, ctx, samples: int, batch_size: int = 8) -> list:
+    from ..data import batches, tokenizer_for
+
+    bundle = ctx.data()
+    ds = bundle.train if bundle.train is not None and len(bundle.train) else bundle.eval
+    if ds is None or len(ds) == 0:
+        raise CompressError(f"the calibration set '{bundle.name}' is empty", "Give data with at least one sample")
+    out = [inputs for inputs, _ in batches(ds, artifact.input_spec, batch_size, samples, tokenizer_for(artifact))]
+    if not out:
+        raise CompressError(f"the calibration set '{bundle.name}' is empty", "Give data with at least one sample")
+    return out
+
+
+def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_channel: bool, reduce_range: bool,
+                    exclude: tuple[str, ...] = ()) -> dict:
+    ortq = require("onnxruntime.quantization", None, "onnxruntime quantization")
+    import onnxruntime as ort
+
+    pre = dst.parent / "_pre.onnx"
+    info = {"preprocess": preprocess(src, pre)}
+    names = [i.name for i in ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()]
+    extra = {"CalibMovingAverage": True} if calibration == "minmax" else {}
+    if calibration == "percentile":
+        extra["CalibPercentile"] = 99.99
+    try:
+        with _quiet():
+            ortq.quantize_static(str(pre), str(dst), _Reader(batches, names), quant_format=ortq.QuantFormat.QDQ,
+                                 per_channel=per_channel, reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8,
+                                 weight_type=ortq.QuantType.QInt8, calibrate_method=getattr(ortq.CalibrationMethod, CALIBRATION[calibration]),
+                                 nodes_to_exclude=list(exclude) or None, extra_options=extra)
+    except CompressError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CompressError(f"onnxruntime static quantization failed: {str(exc).splitlines()[0][:200]}",
+                            "Try -s calibration=minmax, or --method dynamic") from None
+    finally:
+        for f in dst.parent.glob("_pre.onnx*"):
+            f.unlink()
+        for f in dst.parent.glob("*augmented*"):
+            f.unlink()
+    info.update({"format": "QDQ", "activations": "uint8", "weights": "int8", "calibration": calibration,
+                 "calibration_samples": sum(len(b[0]) for b in batches)})
+    return info
+
+
+def quantize_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool, exclude: tuple[str, ...] = ()) -> dict:
+    ortq = require("onnxruntime.quantization", None, "onnxruntime quantization")
+    pre = dst.parent / "_pre.onnx"
+    info = {"preprocess": preprocess(src, pre)}
+    try:
+        with _quiet():
+            ortq.quantize_dynamic(str(pre), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Attention"], per_channel=per_channel,
+                                  reduce_range=reduce_range, weight_type=ortq.QuantType.QInt8, nodes_to_exclude=list(exclude) or None)
+    except Exception as exc:  # noqa: BLE001
+        raise CompressError(f"onnxruntime dynamic quantization failed: {str(exc).splitlines()[0][:200]}", "Try --backend torch") from None
+    finally:
+        for f in dst.parent.glob("_pre.onnx*"):
+            f.unlink()
+    info.update({"format": "QOperator (dynamic)", "weights": "int8"})
+    return info
+
+
+def first_and_last(path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]:
+    """Names of the first and last quantizable nodes: the layers most sensitive to int8."""
+    import onnx
+
+    nodes = [n.name for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type in op_types and n.name]
+    return nodes[:1] + nodes[-1:] if len(nodes) > 1 else nodes
+
+
+@contextlib.contextmanager
+def _quiet():
+    logging.getLogger().setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
