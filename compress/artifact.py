@@ -113,13 +113,18 @@ def _companions(model_file: Path) -> list[Path]:
            [f for f in model_file.parent.glob(model_file.stem + ".onnx_data")]
 
 
+# Manifest keys that describe one run directory (its outcome, its stage folders), not the model: never inherited.
+RUN_KEYS = ("status", "error", "pipeline")
+
+
 def load_run_dir(directory: Path, trust_pickle: bool = False) -> Artifact:
     manifest = Manifest.read(directory)
     path = Path(directory) / manifest.model_file
     if not path.exists():
         raise CompressError(f"{directory} names the model file {manifest.model_file}, which is missing", "Rerun the command that wrote it")
     art = Artifact(format=manifest.format, input_spec=manifest.input_spec, source=manifest.source, path=path,
-                   arch=manifest.arch, rebuild=manifest.rebuild, stages=manifest.stages, extra=manifest.extra)
+                   arch=manifest.arch, rebuild=manifest.rebuild, stages=manifest.stages,
+                   extra={k: v for k, v in manifest.extra.items() if k not in RUN_KEYS})
     if art.is_torch:
         art.model = rebuild_torch(art, path, trust_pickle)
     return art

@@ -113,7 +113,8 @@ def time_runner(runner, inputs, budget_s: float = 2.0, min_runs: int = 10, max_r
 
     Warm-up stops when the median of a window of runs (a whole cycle of input sets, at least 5 runs) is within
     ``settle`` of the previous window's, or after ``warmup_cap`` runs or ``budget_s`` seconds. Then runs are
-    timed until at least ``min_runs`` are done and ``budget_s`` has passed, or ``max_runs`` are done.
+    timed until at least ``min_runs`` are done and ``budget_s`` has passed, or ``max_runs`` are done (or, for a
+    model far slower than the budget allows, after 10 budgets (at least 10 s) and at least 3 runs).
     """
     sets = [inputs] if isinstance(inputs, tuple) and all(isinstance(x, torch.Tensor) for x in inputs) else list(inputs)
     cuda = str(runner.device).startswith("cuda")
@@ -142,7 +143,10 @@ def time_runner(runner, inputs, budget_s: float = 2.0, min_runs: int = 10, max_r
         i = len(warm)
         times: list[float] = []
         deadline = time.perf_counter() + budget_s
+        hard_stop = deadline + max(9 * budget_s, 10.0)    # a model far slower than the budget ends after 3 runs
         while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
+            if len(times) >= 3 and time.perf_counter() > hard_stop:
+                break
             times.append(once(prepared[i % n]))
             i += 1
     return Timing(times, len(warm), h2d, "cuda-events" if events else "perf_counter")
@@ -335,6 +339,8 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
 
     if not artifacts:
         raise CompressError("nothing to benchmark", "Give at least one SOURCE")
+    if "cuda" in settings.devices and not torch.cuda.is_available():
+        raise CompressError("--device cuda was asked for but no CUDA GPU is visible", "Run on a machine with an NVIDIA GPU, or use --device cpu")
     bundle = load_data(settings.data) if settings.data else None
     tokenizer = None
     if bundle is not None and bundle.kind == "text":
@@ -364,7 +370,7 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
                                 metrics_base = _artifact_quality(runner, art, idx, bundle, quality_batches, reference)
                                 static.update(params=param_count(art, runner), facts=model_facts(art, runner))
                             row = _measure(runner, art, label, idx, device, batch, threads, settings, bundle, tokenizer, reference)
-                        except (CompressError, RuntimeError, ValueError, TypeError) as exc:
+                        except (CompressError, RuntimeError) as exc:   # the artifact cannot run this combination
                             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                             skipped.append({"artifact": str(art.path or art.source), "label": label, "device": device,
                                             "batch_size": batch, "threads": threads, "reason": reason})
@@ -381,12 +387,21 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
     report = {"env": _env(), "rows": rows, "skipped": skipped, "data": settings.data, "peak_rss_mb": _peak_rss_mb(),
               "settings": {"budget_s": settings.budget_s, "min_runs": settings.min_runs, "max_runs": settings.max_runs,
                            "limit": settings.limit}}
-    report["warnings"] = warnings_for(rows, report["env"]) + [f"{s['label']} ({s['device']}, batch {s['batch_size']}, "
-                                                               f"{s['threads']} thread(s)) was not measured: {s['reason']}" for s in skipped]
+    report["env"]["load_avg"] = _load_avg()
+    busy = _busy_warning(report["env"]["load_avg"], max(settings.threads))
+    report["warnings"] = ([busy] if busy else []) + warnings_for(rows, report["env"]) + _skip_warnings(skipped)
     report["recommendations"] = recommendations(rows)
     if not quiet:
         print_table(report)
     return report
+
+
+def _skip_warnings(skipped: list[dict]) -> list[str]:
+    groups: dict[tuple, list[dict]] = {}
+    for s in skipped:
+        groups.setdefault((s["label"], s["device"], s["reason"]), []).append(s)
+    return [f"{label} ({device}) was not measured at " + ", ".join(f"batch {s['batch_size']}/{s['threads']} thread(s)" for s in items)
+            + f": {reason}" for (label, device, reason), items in groups.items()]
 
 
 def _quality_plan(artifacts, bundle, tokenizer, limit: int):
@@ -527,6 +542,23 @@ def recommendations(rows: list[dict]) -> list[str]:
             out.append(f"{label}, batch {batch}: {t} thread{'s' * (t > 1)} × {procs} processes gives ~{est:.1f} items/s vs {top} threads × 1 "
                        f"process {single:.1f} items/s (estimate from the thread sweep on {cores} cores: processes are assumed not to slow each other)")
     return out
+
+
+def _load_avg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _busy_warning(load: float | None, own_threads: int) -> str | None:
+    """Other programs competing for the CPUs make timings (multi-threaded ones most) unreliable."""
+    cores = _cores()
+    if load is None or load - own_threads <= 0.5 * cores:
+        return None
+    return (f"the machine was busy while measuring (load average {load:.1f} on {cores} cores, of which this bench "
+            f"accounts for at most {own_threads}); other programs competed for the CPUs, so timings, multi-threaded ones "
+            "most, are unreliable: rerun on a quiet machine")
 
 
 def _cores() -> int:

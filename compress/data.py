@@ -324,6 +324,8 @@ def batches(ds: Dataset, specs: list[InputSpec], batch_size: int = 32, limit: in
         if isinstance(xs[0], (tuple, list)):
             inputs = tuple(torch.stack([x[j] for x in xs]) for j in range(len(xs[0])))
         else:
+            if len({tuple(x.shape) for x in xs}) > 1 and len(specs) == 1 and len(specs[0].shape) == 4 and all(x.dim() == 3 for x in xs):
+                xs = [adapt_image(x[None].float(), specs[0].shape)[0] for x in xs]  # images of mixed sizes
             inputs = (torch.stack(xs),)
         if len(inputs) != len(specs):
             raise CompressError(f"the data gives {len(inputs)} input(s) per sample but the model takes {len(specs)}", "Use data that fits the model")

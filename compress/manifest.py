@@ -80,6 +80,8 @@ class Manifest:
             raise CompressError(f"{directory} is not a compress run directory (no {MANIFEST})", "Give a model file or a directory written by compress") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CompressError(f"{path} is not valid JSON ({exc})", "Restore it, or rerun the command that wrote it") from None
+        if not isinstance(d, dict):
+            raise CompressError(f"{path} is not a valid manifest (not a JSON object)", "Rerun the command that wrote it")
         missing = [k for k in ("format", "model_file", "input_spec") if k not in d]
         if missing or d.get("format") not in FORMATS:
             raise CompressError(f"{path} is not a valid manifest (missing or bad: {', '.join(missing) or 'format'})",

@@ -39,6 +39,8 @@ class ValidationError(CompressError):
 # ---------------------------------------------------------------- reading and overriding
 def read_pipeline(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise CompressError(f"{path} is a directory, not a pipeline file", "Give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise CompressError(f"pipeline file {path} does not exist", "Check the path; 'compress ls' lists the shipped configs")
     try:

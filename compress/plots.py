@@ -15,7 +15,7 @@ def svg_plots(report: dict) -> list[tuple[str, str]]:
     rows = report.get("rows") or []
     if not rows:
         return []
-    plots = [("Latency per stage (p50, whiskers to p90)", _latency_per_stage(rows))]
+    plots = [("Latency per stage", _latency_per_stage(rows))]
     acc = _latency_vs_accuracy(rows)
     if acc is not None:
         plots.append(acc)
@@ -38,28 +38,27 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]
 
 
-def _config(r: dict) -> str:
-    return f"{r['device']} b{r['batch_size']} t{r['threads']}"
-
-
 def _latency_per_stage(rows: list[dict]) -> str:
+    """p50 per artifact at the smallest batch size, one bar per device and thread count."""
+    small = min(r["batch_size"] for r in rows)
+    rows = [r for r in rows if r["batch_size"] == small]
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    configs = list(dict.fromkeys(_config(r) for r in rows))[:6]
-    by = {(r["label"], _config(r)): r for r in rows}
-    fig, ax = _figure(7.0, max(2.5, 0.5 * len(labels) * max(1, len(configs) / 2) + 1.2))
+    configs = list(dict.fromkeys((r["device"], r["threads"]) for r in rows))[:6]
+    by = {(r["label"], r["device"], r["threads"]): r for r in rows}
+    fig, ax = _figure(7.0, max(2.5, 0.4 * len(labels) * len(configs) + 1.2))
     height = 0.8 / len(configs)
-    for j, c in enumerate(configs):
+    for j, (device, threads) in enumerate(configs):
         ys, p50, err = [], [], []
         for i, label in enumerate(labels):
-            r = by.get((label, c))
+            r = by.get((label, device, threads))
             if r:
                 ys.append(i + j * height)
                 p50.append(r["p50_ms"])
                 err.append(max(0.0, r["p90_ms"] - r["p50_ms"]))
-        ax.barh(ys, p50, height=height, xerr=[[0] * len(err), err], label=c, capsize=2)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(labels))], labels)
+        ax.barh(ys, p50, height=height, xerr=[[0] * len(err), err], label=f"{device}, {threads} thread(s)", capsize=2)
+    ax.set_yticks([i + (len(configs) - 1) * height / 2 for i in range(len(labels))], labels)
     ax.invert_yaxis()
-    ax.set_xlabel("latency p50 (ms)")
+    ax.set_xlabel(f"latency p50 (ms) at batch {small}; whiskers to p90")
     ax.legend(fontsize="small")
     return _svg(fig)
 
@@ -89,12 +88,11 @@ def _latency_vs_accuracy(rows: list[dict]) -> tuple[str, str] | None:
 
 
 def _throughput_vs_batch(rows: list[dict]) -> str:
-    """Items per second against batch size, one line per artifact and device, at the largest thread count."""
+    """Items per second against batch size, one line per artifact, device and thread count."""
     fig, ax = _figure()
-    for (label, device) in dict.fromkeys((r["label"], r["device"]) for r in rows):
-        mine = [r for r in rows if r["label"] == label and r["device"] == device]
-        threads = max(r["threads"] for r in mine)
-        pts = sorted((r["batch_size"], r["throughput_per_s"]) for r in mine if r["threads"] == threads)
+    for (label, device, threads) in dict.fromkeys((r["label"], r["device"], r["threads"]) for r in rows):
+        pts = sorted((r["batch_size"], r["throughput_per_s"]) for r in rows
+                     if (r["label"], r["device"], r["threads"]) == (label, device, threads))
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{label} ({device}, {threads}t)")
     batches = sorted({r["batch_size"] for r in rows})
     if len(batches) > 1 and batches[-1] / batches[0] >= 8:

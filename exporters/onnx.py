@@ -255,5 +255,6 @@ def _export_failed(errors: dict[str, BaseException], opset) -> CompressError:
 
 
 def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))   # exporters colour their messages
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return (lines[0] if lines else type(exc).__name__)[:200]

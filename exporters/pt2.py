@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,11 @@ def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
             warnings.simplefilter("ignore")
             program = torch.export.export(model, inputs, dynamic_shapes=dynamic if any(dynamic) else None, strict=config.strict)
     except Exception as exc:  # noqa: BLE001 - torch.export raises many types
+        axis = re.search(r"Constraints violated \(([\w, ]+)\)", str(exc))
+        if axis:
+            raise CompressError(f"torch.export cannot keep the axis '{axis.group(1)}' dynamic: the model's code fixes its size",
+                                "Make only the batch dynamic (-s dynamic_axes=batch) or none (-s static_shapes=true), "
+                                "or use --target onnx / torchscript") from None
         raise CompressError(f"torch.export could not capture the model: {_first_line(exc)}",
                             "Try -s static_shapes=true, or --target torchscript / onnx -s exporter=legacy") from None
     path = Path(ctx.workdir) / "model.pt2"

@@ -386,3 +386,15 @@ def test_minilm_is_timed_on_real_sentences_at_their_natural_length():
     int8 = [r for r in rows if r["label"] == "int8"]
     assert all(r["metrics"]["cosine_vs_source"] > 0.9 and r["weights_dtype"] == "int8" for r in int8)
     assert int8[0]["size_bytes"] < 0.7 * rows[0]["size_bytes"]          # the embedding table stays fp32
+
+
+def test_a_busy_machine_is_reported(monkeypatch):
+    monkeypatch.setattr(bench, "_cores", lambda: 2)
+    assert "load average 4.4 on 2 cores" in bench._busy_warning(4.4, own_threads=2)
+    assert bench._busy_warning(2.5, own_threads=2) is None and bench._busy_warning(None, 1) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")
+def test_cuda_without_a_gpu_is_a_one_line_user_error(files, capsys):
+    assert main(["bench", str(files["onnx"]), "--device", "cpu,cuda", "--budget", "0.01"]) == 1
+    assert "no CUDA GPU is visible" in capsys.readouterr().err

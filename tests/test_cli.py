@@ -137,6 +137,11 @@ def test_validate_yaml_syntax_error_gives_line_and_column(cli, tmp_path):
     path.write_text("- just\n- a list\n")
     r = cli("validate", path)
     assert r.rc == 1 and "must hold a mapping" in r.err
+    path.write_bytes(b"\x00\xff\xfe binary")
+    r = cli("validate", path)
+    assert r.rc == 1 and "not a text file" in r.err
+    r = cli("validate", tmp_path)
+    assert r.rc == 1 and "is a directory, not a pipeline file" in r.err
 
 
 def test_every_shipped_config_validates(cli):
@@ -192,11 +197,13 @@ def test_real_executable(tmp_path, tiny_state):
     env = subprocess_env()
     help_ = subprocess.run([str(exe), "--help"], capture_output=True, text=True, env=env, timeout=60)
     assert help_.returncode == 0 and all(c in help_.stdout for c in COMMANDS)
-    missing = subprocess.run([str(exe), "prune", str(tmp_path / "nope.pt"), *MODEL, "--method", "magnitude", "-o", str(tmp_path / "o")],
-                             capture_output=True, text=True, env=env, timeout=120)
+    pipeline = tmp_path / "bench-only.yaml"
+    pipeline.write_text(f"model: {{source: {tmp_path / 'nope.pt'}, arch: 'tests.models:TinyCNN'}}\nbench: {{threads: [1]}}\n")
+    missing = subprocess.run([str(exe), "run", str(pipeline), "-o", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 1, missing.stderr
     lines = [line for line in missing.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in missing.stderr
+    assert len(lines) == 1 and "nope.pt does not exist" in lines[0] and "Traceback" not in missing.stderr
+    assert not (tmp_path / "o").exists()
     usage = subprocess.run([str(exe), "prune"], capture_output=True, text=True, env=env, timeout=60)
     assert usage.returncode == 2
 

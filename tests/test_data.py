@@ -286,3 +286,20 @@ def test_grey_builtin_batches_fit_an_rgb_model():
     assert inputs[0].shape == (4, 3, 32, 32) and labels.shape == (4,)
     result = evaluate.accuracy(runner_for(models.tiny_cnn(), 1, 3, 32, 32), bundle, limit=64)
     assert result["samples"] == 64 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_imagefolder_with_mixed_image_sizes(tmp_path):
+    """Real folders hold photos of many sizes: each is fitted to the model's input."""
+    from PIL import Image
+
+    for name, rgb, size in (("blue", (0, 0, 255), (20, 14)), ("red", (255, 0, 0), (9, 31))):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (size[0] + i, size[1]), rgb).save(tmp_path / "imgs" / name / f"{i}.png")
+    (tmp_path / "imgs" / "red" / "grey.png").parent.mkdir(exist_ok=True)
+    Image.new("L", (12, 12), 90).save(tmp_path / "imgs" / "red" / "grey.png")   # greyscale files become RGB
+    bundle = load_data(f"imagefolder:{tmp_path / 'imgs'}")
+    batch, labels = next(batches(bundle.train, [InputSpec("input", (1, 3, 16, 16))], batch_size=8))
+    assert batch[0].shape == (len(bundle.train), 3, 16, 16)
+    result = evaluate.accuracy(runner_for(RedOrBlue(), 1, 3, 16, 16), bundle)
+    assert result["samples"] == len(bundle.eval) == 1

@@ -261,3 +261,15 @@ def test_yaml_pipeline_with_relative_source(tmp_path, tiny_state, fake_methods):
     doc = pipeline.read_pipeline(tmp_path / "sub" / "p.yaml")
     assert doc["model"]["source"] == str(tmp_path / "sub" / "tiny.pt")
     assert check(doc).stages[0].method.name == "test-scale"
+
+
+def test_a_failed_run_used_as_source_does_not_pass_its_status_on(tiny_state, tmp_path, fake_methods):
+    failed, later = tmp_path / "failed", tmp_path / "later"
+    doc = _doc(tiny_state[0], {"prune": {"method": "test-scale"}}, {"prune": {"method": "test-scale", "fail": True}})
+    with pytest.raises(CompressError):
+        pipeline.run(doc, failed, quiet=True)
+    assert json.loads((failed / "manifest.json").read_text())["status"] == "failed"
+    pipeline.run({"model": str(failed), "stages": [{"prune": {"method": "test-scale"}}]}, later, quiet=True)
+    manifest = json.loads((later / "manifest.json").read_text())
+    assert not {"status", "error", "pipeline"} & set(manifest), manifest
+    assert len(manifest["stages"]) == 2

@@ -215,6 +215,10 @@ def test_run_directory_with_missing_model_file(tmp_path):
     (run_dir / "manifest.json").write_text("{not json")
     with pytest.raises(CompressError, match="is not valid JSON"):
         sources.load(run_dir)
+    for text in ("null", "[]", '{"format": "keras", "model_file": "m", "input_spec": []}'):
+        (run_dir / "manifest.json").write_text(text)
+        with pytest.raises(CompressError, match="is not a valid manifest"):
+            sources.load(run_dir)
 
 
 # ---------------------------------------------------------------- pickles

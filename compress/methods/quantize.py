@@ -41,7 +41,8 @@ class DynamicConfig:
 
 @dataclass(frozen=True)
 class StaticConfig:
-    backend: str = option("onnxruntime", "onnxruntime (Q/DQ int8, fast on CPU)", choices=("onnxruntime",))
+    backend: str = option("onnxruntime", "onnxruntime (Q/DQ int8 ONNX) or torch (torchao PT2E, x86 quantizer, AOTInductor .pt2)",
+                          choices=("onnxruntime", "torch"))
     calibration: str = option("minmax", "how activation ranges are chosen", choices=tuple(ort_q.CALIBRATION))
     samples: int = option(128, "calibration samples taken from --data", range=(1, 100_000))
     per_channel: bool = option(True, "per-output-channel weight scales")
@@ -130,10 +131,56 @@ def _ort_static(artifact: Artifact, config: StaticConfig, ctx, exclude: tuple[st
     return out
 
 
-@register("quantize", "static", StaticConfig, accepts=("torch", "onnx"), produces="onnx", needs_data=True,
-          requires=(("onnxruntime", None),),
-          summary="int8 weights and activations (Q/DQ, per-channel), calibrated on --data; the fast CPU path for CNNs")
+# ---------------------------------------------------------------- torch static (PT2E + AOTInductor)
+def _torch_static(artifact: Artifact, config: StaticConfig, ctx) -> Artifact:
+    """torchao's PT2E flow with the x86 Inductor quantizer on a torch.export graph, compiled by AOTInductor.
+
+    (The eager PT2E model runs reference kernels and is slower than fp32; the compiled package is the fast one.)"""
+    from ..errors import require
+
+    if artifact.format != "torch":
+        raise CompressError(f"torch static quantization takes a torch model, not {artifact.format}", "Use --backend onnxruntime for ONNX models")
+    pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "ao", "torch static quantization (PT2E)")
+    xiq = require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "ao", "torch static quantization (PT2E)")
+    batches = ort_q.calibration_batches(artifact, ctx, config.samples)
+    example = tuple(t[:2] if len(t) >= 2 else torch.cat([t, t])[:2] for t in batches[0])
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    dynamic = tuple({0: batch} if 0 in s.dynamic_axes else None for s in artifact.input_spec)
+    model = copy.deepcopy(artifact.model).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            graph = torch.export.export(model, example, dynamic_shapes=dynamic).module()
+        except Exception as exc:  # noqa: BLE001
+            raise CompressError(f"torch.export cannot capture this model for PT2E quantization ({str(exc).splitlines()[0][:160]})",
+                                "Use --backend onnxruntime") from None
+        quantizer = xiq.X86InductorQuantizer()
+        # The x86 quantizer's weights are always per-channel; activations uint8 per tensor.
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=config.reduce_range))
+        prepared = pt2e.prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for inputs in batches:
+                prepared(*inputs)
+        converted = pt2e.convert_pt2e(prepared)
+        path = Path(ctx.workdir) / "model.pt2"
+        try:
+            with torch.no_grad():
+                program = torch.export.export(converted, example, dynamic_shapes=dynamic)
+                torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise CompressError(f"AOTInductor could not compile the int8 model ({str(exc).splitlines()[0][:160]})",
+                                "Use --backend onnxruntime, or check that gcc is installed") from None
+    ctx.metrics.update({"flow": "torchao PT2E + X86InductorQuantizer + AOTInductor", "calibration_samples": sum(len(b[0]) for b in batches)})
+    return artifact.evolve(format="pt2", path=path, model=None, extra={**artifact.extra, "aoti": True, "device": "cpu",
+                                                                     "quantization": "static int8 (PT2E)"})
+
+
+@register("quantize", "static", StaticConfig, accepts=("torch", "onnx"), produces=lambda c: "onnx" if c.backend == "onnxruntime" else "pt2",
+          needs_data=True, requires=(("onnxruntime", None),),
+          summary="int8 weights and activations calibrated on --data: onnxruntime Q/DQ (fast CPU path for CNNs) or torch PT2E → .pt2")
 def static(artifact, config: StaticConfig, ctx):
+    if config.backend == "torch":
+        return check(artifact, _torch_static(artifact, config, ctx), config, ctx, retry=None)
     out = _ort_static(artifact, config, ctx, tuple(config.exclude))
 
     def retry():
