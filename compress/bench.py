@@ -355,34 +355,11 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
     with progress(quiet) as bar:
         task = bar.add_task("benchmarking", total=total, info="")
         for device in settings.devices:
-            reference = {"outputs": {}, "quality": None}
+            reference: dict = {"outputs": {}}          # the baseline's outputs, for fidelity
             for idx, (label, art) in enumerate(artifacts):
-                static = {"size_bytes": size_on_disk(art), "stage": stage_of(art, idx == 0)}
-                metrics_base: dict | None = None
-                for threads in settings.threads:
-                    for batch in settings.batch_sizes:
-                        bar.update(task, info=f"{label} {device} b{batch} t{threads}")
-                        try:
-                            if "runner" not in static or static["runner"].threads != threads:
-                                static["runner"] = load_runner(art, device, threads)
-                            runner = static["runner"]
-                            if metrics_base is None:
-                                metrics_base = _artifact_quality(runner, art, idx, bundle, quality_batches, reference)
-                                static.update(params=param_count(art, runner), facts=model_facts(art, runner))
-                            row = _measure(runner, art, label, idx, device, batch, threads, settings, bundle, tokenizer, reference)
-                        except (CompressError, RuntimeError) as exc:   # the artifact cannot run this combination
-                            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                            skipped.append({"artifact": str(art.path or art.source), "label": label, "device": device,
-                                            "batch_size": batch, "threads": threads, "reason": reason})
-                            bar.advance(task)
-                            continue
-                        row.update(size_bytes=static["size_bytes"], params=static["params"], stage=static["stage"])
-                        row.update(static["facts"])
-                        row["metrics"] = {**metrics_base, **row["metrics"]}
-                        rows.append(row)
-                        bar.advance(task)
-                static.pop("runner", None)
-                gc.collect()
+                context = {"idx": idx, "label": label, "art": art, "device": device, "settings": settings, "bundle": bundle,
+                           "tokenizer": tokenizer, "reference": reference, "quality_batches": quality_batches}
+                _bench_artifact(context, rows, skipped, bar, task)
     _speedups(rows)
     report = {"env": _env(), "rows": rows, "skipped": skipped, "data": settings.data, "peak_rss_mb": _peak_rss_mb(),
               "settings": {"budget_s": settings.budget_s, "min_runs": settings.min_runs, "max_runs": settings.max_runs,
@@ -394,6 +371,34 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
     if not quiet:
         print_table(report)
     return report
+
+
+def _bench_artifact(c: dict, rows: list[dict], skipped: list[dict], bar, task) -> None:
+    """All rows of one artifact on one device: threads × batch sizes. Quality, size and facts are measured once."""
+    art, idx, device, settings = c["art"], c["idx"], c["device"], c["settings"]
+    size, stage = size_on_disk(art), stage_of(art, idx == 0)
+    once = None
+    for threads in settings.threads:
+        runner = None
+        for batch in settings.batch_sizes:
+            bar.update(task, info=f"{c['label']} {device} b{batch} t{threads}")
+            try:
+                runner = runner or load_runner(art, device, threads)
+                if once is None:
+                    once = {"metrics": _artifact_quality(runner, art, idx, c["bundle"], c["quality_batches"], c["reference"]),
+                            "params": param_count(art, runner), "facts": model_facts(art, runner)}
+                row = _measure(runner, art, c["label"], idx, device, batch, threads, settings, c["bundle"], c["tokenizer"], c["reference"])
+            except (CompressError, RuntimeError) as exc:   # this artifact cannot run this combination: say why
+                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                skipped.append({"artifact": str(art.path or art.source), "label": c["label"], "device": device,
+                                "batch_size": batch, "threads": threads, "reason": reason})
+            else:
+                row.update(size_bytes=size, params=once["params"], stage=stage, **once["facts"])
+                row["metrics"] = {**once["metrics"], **row["metrics"]}
+                rows.append(row)
+            bar.advance(task)
+        del runner
+        gc.collect()
 
 
 def _skip_warnings(skipped: list[dict]) -> list[str]:
@@ -691,7 +696,7 @@ def markdown(report: dict) -> str:
     if _footer(report):
         lines += ["", _footer(report)]
     if report.get("warnings"):
-        lines += ["", "## Did it get faster? Warnings", ""] + [f"- {w}" for w in report["warnings"]]
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in report["warnings"]]
     if report.get("recommendations"):
         lines += ["", "## CPU serving", ""] + [f"- {r}" for r in report["recommendations"]]
     return "\n".join(lines) + "\n"
@@ -709,7 +714,7 @@ def html(report: dict) -> str:
     parts = [f"<h1>compress bench</h1><p>{escape(_env_line(report))}</p>", f"<table><tr>{head}</tr>{body}</table>",
              f"<p>{escape(_footer(report))}</p>"]
     if report.get("warnings"):
-        parts.append("<h2>Did it get faster? Warnings</h2><ul>" + "".join(f"<li>{escape(w)}</li>" for w in report["warnings"]) + "</ul>")
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{escape(w)}</li>" for w in report["warnings"]) + "</ul>")
     if report.get("recommendations"):
         parts.append("<h2>CPU serving</h2><ul>" + "".join(f"<li>{escape(r)}</li>" for r in report["recommendations"]) + "</ul>")
     try:

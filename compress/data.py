@@ -189,6 +189,25 @@ def load_data(spec: str) -> DataBundle:
     raise CompressError(f"data spec kind '{kind}:' is not known", "Use imagefolder:DIR, tensors:FILE, python:module:function or a built-in name")
 
 
+def spec_problem(spec: str) -> str | None:
+    """What is wrong with a DATA spec that can be told without loading it (for pipeline checks), or None."""
+    kind, sep, rest = str(spec).strip().partition(":")
+    if not sep:
+        if kind in BUILTIN:
+            return None
+        near = difflib.get_close_matches(kind, BUILTIN, n=1)
+        return f"'{kind}' is not a built-in data set" + (f" (did you mean '{near[0]}'?)" if near else f" (built-in: {', '.join(BUILTIN)})")
+    if kind == "imagefolder" and not Path(rest).is_dir():
+        return f"image folder {rest} does not exist"
+    if kind == "tensors" and not Path(rest).is_file():
+        return f"tensor file {rest} does not exist"
+    if kind == "python" and ":" not in rest:
+        return f"python data spec '{rest}' needs 'module:function'"
+    if kind not in ("imagefolder", "tensors", "python"):
+        return f"data spec kind '{kind}:' is not known (use imagefolder:DIR, tensors:FILE, python:module:function or a built-in name)"
+    return None
+
+
 def _imagefolder(root: Path) -> DataBundle:
     if not root.is_dir():
         raise CompressError(f"image folder {root} does not exist", "Give a folder with one subfolder of images per class")

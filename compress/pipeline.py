@@ -163,6 +163,12 @@ def check(doc: dict, where: str = "pipeline") -> Plan:
     data = doc.get("data")
     if data is not None and not isinstance(data, str):
         problems.append("data: expected a DATA spec string like fashion-mnist or imagefolder:DIR")
+    elif data is not None:
+        from .data import spec_problem
+
+        why = spec_problem(data)
+        if why:
+            problems.append(f"data: {why}")
     fmt = _source_format(str(model.get("source", "")))
     stages: list[StagePlan] = []
     raw_stages = doc.get("stages") or []
@@ -223,7 +229,14 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
         key = "target" if stage == "export" else "method"
         problems.append(f"{where}.{key}: '{name}' is not known" + _suggest(str(name), [m.name for m in available]) + f" (available: {', '.join(m.name for m in available)})")
         return None, fmt
-    stage_data = options.pop("data", None) or data
+    own_data = options.pop("data", None)
+    if own_data is not None:
+        from .data import spec_problem
+
+        why = spec_problem(str(own_data))
+        if why:
+            problems.append(f"{where}.data: {why}")
+    stage_data = own_data or data
     config, errs = registry.build_config(method.config, options, where)
     problems.extend(errs)
     for mod, extra in method.missing():

@@ -53,6 +53,8 @@ def export_trt(artifact: Artifact, config: TensorRTConfig, ctx) -> Artifact:
     trt = require_tensorrt()
     if config.min_batch > config.max_batch:
         raise CompressError(f"min_batch {config.min_batch} is larger than max_batch {config.max_batch}", "Fix -s min_batch / -s max_batch")
+    if config.precision == "int8" and not getattr(ctx, "data_spec", None) and not (artifact.format == "onnx" and _has_qdq(Path(artifact.path))):
+        raise CompressError("TensorRT int8 needs calibration data", "Give --data (e.g. --data photos), or a Q/DQ-quantized ONNX model")
     workdir = Path(ctx.workdir)
     engine_path = workdir / "model.engine"
     scratch = workdir / "_trt_build"

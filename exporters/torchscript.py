@@ -45,7 +45,9 @@ def export_torchscript(artifact: Artifact, config: TorchScriptConfig, ctx) -> Ar
         if config.freeze:
             module = torch.jit.freeze(module)   # also folds conv-bn and other frozen-graph optimizations
     path = Path(ctx.workdir) / "model.torchscript.pt"
-    torch.jit.save(module, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # "torch.jit.save is deprecated": the summary says so already
+        torch.jit.save(module, str(path))
     optimized = config.freeze and config.optimize and _save_optimized(path, ctx.metrics)
     out = artifact.evolve(format="torchscript", path=path, model=None,
                           extra={"mode": config.mode, "frozen": config.freeze, "deprecated": "TorchScript is deprecated upstream; prefer pt2"})

@@ -6,6 +6,8 @@ A miss raises :class:`ExportVerificationError`, which lists the worst difference
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from compress.artifact import Artifact
@@ -83,6 +85,12 @@ def example_inputs(specs: list[InputSpec], batch: int, seq: int | None = None, s
 def verify(source: Artifact, exported: Artifact, ctx, *, target: str, precision: str = "fp32", atol: float | None = None,
            device: str = "cpu", source_device: str | None = None) -> dict:
     """Compare ``exported`` with ``source`` through their runners; return metrics or raise ExportVerificationError."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*torch\.jit.*deprecated", FutureWarning)   # TorchScript is labelled legacy already
+        return _verify(source, exported, ctx, target, precision, atol, device, source_device)
+
+
+def _verify(source, exported, ctx, target, precision, atol, device, source_device) -> dict:
     from compress.runners import load_runner
 
     tol = tolerance(target, precision, atol)

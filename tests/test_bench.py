@@ -158,11 +158,14 @@ def test_harness_median_agrees_with_torch_utils_benchmark():
             model(x)
 
     ratios = []
-    for _ in range(2):    # the better of two attempts, for a busy 2-core machine
-        ours = time_runner(runner, (x,), budget_s=1.0, min_runs=20, max_runs=5000).stats(1)["p50_ms"]
-        theirs = Timer("call()", globals={"call": call}, num_threads=1).blocked_autorange(min_run_time=1.0).median * 1e3
-        ratios.append(ours / theirs)
-        assert 0.5 < theirs < 100, f"the check model should take milliseconds, took {theirs:.2f} ms"
+    for attempt in range(3):    # the best of up to three attempts (order alternating), for a busy 2-core machine
+        if attempt % 2:
+            b = Timer("call()", globals={"call": call}, num_threads=1).blocked_autorange(min_run_time=1.0).median * 1e3
+        a = time_runner(runner, (x,), budget_s=1.0, min_runs=20, max_runs=5000).stats(1)["p50_ms"]
+        if not attempt % 2:
+            b = Timer("call()", globals={"call": call}, num_threads=1).blocked_autorange(min_run_time=1.0).median * 1e3
+        assert 0.5 < b < 200, f"the check model should take milliseconds, took {b:.2f} ms"
+        ratios.append(a / b)
         if abs(ratios[-1] - 1) <= 0.25:
             break
     assert min(abs(r - 1) for r in ratios) <= 0.25, f"compress/torch.utils.benchmark median ratios {ratios}"

@@ -68,6 +68,15 @@ class UsesCustomOp(nn.Module):
         return torch.ops.compress_test.mystery(self.lin(x))
 
 
+class DataDependentBranch(nn.Module):
+    """Python control flow on a tensor's value: torch.export refuses it, the tracing exporter records one branch."""
+
+    def forward(self, x):
+        if x.mean() > -100:
+            return x * 2
+        return x
+
+
 def _lstm() -> nn.Module:
     torch.manual_seed(0)
     return TinyLSTM().eval()
@@ -215,6 +224,16 @@ def test_onnx_opset_is_selectable_and_legacy_exporter_can_be_chosen(tmp_path):
     proto = onnx.load(str(out.path))
     assert next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == 17
     assert ctx.metrics["exporter"] == "legacy" and ctx.metrics["opset"] == 17
+
+
+def test_onnx_falls_back_to_the_legacy_exporter_and_says_why(tmp_path):
+    art = Artifact("torch", [InputSpec("input", (1, 4), "float32", (0,))], "x", model=DataDependentBranch())
+    ctx = _ctx(tmp_path)
+    out = export_onnx(art, OnnxConfig(), ctx)
+    assert ctx.metrics["exporter"] == "legacy"
+    assert ctx.metrics["fallback_reason"].startswith("dynamo exporter failed: ")
+    assert out.extra["exporter"] == "legacy"
+    np.testing.assert_allclose(_ort(out.path, torch.ones(3, 4)), np.full((3, 4), 2.0))
 
 
 def test_static_shapes_fix_the_batch(tmp_path):

@@ -101,6 +101,21 @@ def test_check_reports_every_problem_at_once(tiny_state, fake_methods):
     assert fake_methods == []   # nothing ran
 
 
+def test_check_reports_bad_data_specs(tmp_path, tiny_state, fake_methods):
+    for spec, message in (("fashion_mnist", "data: 'fashion_mnist' is not a built-in data set (did you mean 'fashion-mnist'?)"),
+                          (f"imagefolder:{tmp_path / 'none'}", f"data: image folder {tmp_path / 'none'} does not exist"),
+                          (f"tensors:{tmp_path / 'none.pt'}", f"data: tensor file {tmp_path / 'none.pt'} does not exist"),
+                          ("python:nomodule", "data: python data spec 'nomodule' needs 'module:function'"),
+                          ("csv:x.csv", "data: data spec kind 'csv:' is not known")):
+        with pytest.raises(ValidationError) as info:
+            check(_doc(tiny_state[0], bench={}, data=spec))
+        assert len(info.value.problems) == 1 and info.value.problems[0].startswith(message), info.value.problems
+    with pytest.raises(ValidationError, match=r"stages\[0\]\.prune\.data: 'digit' is not a built-in data set \(did you mean 'digits'\?\)"):
+        check(_doc(tiny_state[0], {"prune": {"method": "test-scale", "data": "digit"}}))
+    for good in ("digits", f"imagefolder:{tmp_path}", f"tensors:{tiny_state[0]}", "python:tests.models:labelled_set"):
+        assert check(_doc(tiny_state[0], bench={}, data=good)).data == good
+
+
 def test_check_needs_data_and_missing_source(fake_methods, tmp_path):
     with pytest.raises(ValidationError) as info:
         check({"model": {}, "stages": [{"distill": {"method": "test-needs"}}]})

@@ -38,9 +38,11 @@ def preprocess(src: Path, dst: Path) -> str:
     symbolic shape inference skipped. Returns what ran."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()  # the tools run in dst's folder (see _quiet)
+
     for skip_symbolic in (False, True):
         try:
-            with _quiet():
+            with _quiet(dst.parent):
                 quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic)
             return "quant_pre_process" + (" (symbolic shape inference skipped)" if skip_symbolic else "")
         except Exception:  # noqa: BLE001 - pre-processing is an optimisation; fall back to the raw graph
@@ -81,6 +83,7 @@ def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_c
     ortq = require("onnxruntime.quantization", None, "onnxruntime quantization")
     import onnxruntime as ort
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     pre = dst.parent / "_pre.onnx"
     info = {"preprocess": preprocess(src, pre)}
     names = [i.name for i in ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()]
@@ -88,7 +91,7 @@ def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_c
     if calibration == "percentile":
         extra["CalibPercentile"] = 99.99
     try:
-        with _quiet():
+        with _quiet(dst.parent):
             ortq.quantize_static(str(pre), str(dst), _Reader(batches, names), quant_format=ortq.QuantFormat.QDQ,
                                  per_channel=per_channel, reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8,
                                  weight_type=ortq.QuantType.QInt8, calibrate_method=getattr(ortq.CalibrationMethod, CALIBRATION[calibration]),
@@ -110,14 +113,25 @@ def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_c
 
 def quantize_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool, exclude: tuple[str, ...] = ()) -> dict:
     ortq = require("onnxruntime.quantization", None, "onnxruntime quantization")
+    import onnx
+
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     pre = dst.parent / "_pre.onnx"
     info = {"preprocess": preprocess(src, pre)}
     try:
-        with _quiet():
-            ortq.quantize_dynamic(str(pre), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Attention"], per_channel=per_channel,
-                                  reduce_range=reduce_range, weight_type=ortq.QuantType.QInt8, nodes_to_exclude=list(exclude) or None)
-    except Exception as exc:  # noqa: BLE001
-        raise CompressError(f"onnxruntime dynamic quantization failed: {str(exc).splitlines()[0][:200]}", "Try --backend torch") from None
+        # Fused transformer graphs sometimes defeat the pre-processed shape inference: then quantize the graph as exported.
+        for i, graph in enumerate((pre, src)):
+            try:
+                with _quiet(dst.parent):
+                    ortq.quantize_dynamic(str(graph), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Attention"], per_channel=per_channel,
+                                          reduce_range=reduce_range, weight_type=ortq.QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
+                                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                if i:
+                    info["preprocess"] = "none (the pre-processed graph could not be quantized)"
+                break
+            except Exception as exc:  # noqa: BLE001
+                if i:
+                    raise CompressError(f"onnxruntime dynamic quantization failed: {str(exc).splitlines()[0][:200]}", "Try --backend torch") from None
     finally:
         for f in dst.parent.glob("_pre.onnx*"):
             f.unlink()
@@ -134,7 +148,8 @@ def first_and_last(path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet(workdir: Path | None = None):
+    """Silence onnxruntime's tools, and run them in ``workdir``: they write temporary files into the working directory."""
     logging.getLogger().setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), contextlib.chdir(workdir or Path.cwd()):
         yield
