@@ -134,14 +134,15 @@ Examples:
 @click.option("--method", help="Pruning method (see 'compress ls prune').")
 @click.option("--amount", type=float, help="Fraction to remove, between 0 and 1.")
 @click.option("--sweep", help="Comma-separated amounts to measure instead of pruning once.")
+@click.option("--ignore", multiple=True, metavar="PATTERN", help="Module-name pattern to leave unpruned (fnmatch); repeatable.")
 @SET_OPTION
 @DATA_OPTION
 @OUT_OPTION
 @click.option("--resume", is_flag=True, help="Reuse completed work in OUT.")
 @global_flags
-def prune(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, amount, sweep, sets, data, out, resume):
+def prune(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, amount, sweep, ignore, sets, data, out, resume):
     """Remove weights or whole channels/heads from a model."""
-    opts = {"method": method, "amount": amount, "sweep": sweep, **_sets(sets)}
+    opts = {"method": method, "amount": amount, "sweep": sweep, "ignore": list(ignore) or None, **_sets(sets)}
     _run_one("prune", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out, resume)
 
 
@@ -177,13 +178,16 @@ Examples:
 @model_options
 @click.option("--method", help="dynamic | static | auto (see 'compress ls quantize').")
 @click.option("--backend", help="torch | onnxruntime.")
+@click.option("--max-accuracy-drop", type=float, help="Fail (keeping nothing) when accuracy on --data drops more than this, e.g. 0.01.")
+@click.option("--require-speedup", is_flag=True, default=None, help="Fail when the result is not faster than its input.")
 @SET_OPTION
 @DATA_OPTION
 @OUT_OPTION
 @global_flags
-def quantize(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, backend, sets, data, out):
-    """Quantize weights (and activations) to int8 or cast to fp16/bf16."""
-    opts = {"method": method, "backend": backend, **_sets(sets)}
+def quantize(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, backend, max_accuracy_drop,
+             require_speedup, sets, data, out):
+    """Quantize to int8: dynamic (Linear/LSTM), static (calibrated on --data) or auto (picks per model)."""
+    opts = {"method": method, "backend": backend, "max_accuracy_drop": max_accuracy_drop, "require_speedup": require_speedup, **_sets(sets)}
     _run_one("quantize", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
 
 

@@ -342,3 +342,44 @@ def _size(art: Artifact) -> int | None:
     buf = io.BytesIO()
     torch.save(art.model.state_dict(), buf)
     return buf.tell()
+
+
+# ---------------------------------------------------------------- fp16 / bf16 casts
+@dataclass(frozen=True)
+class CastConfig:
+    dtype: str = option("float16", "float16 (NVIDIA GPUs) or bfloat16 (GPUs and CPUs with AMX/AVX512-BF16)", choices=("float16", "bfloat16"))
+    require_speedup: bool = option(False, "fail when the result is not faster than its input")
+    check_speed: bool = option(True, "time input and result briefly and warn when it is not faster")
+    max_accuracy_drop: float | None = option(None, "fail when accuracy drops more than this", range=(0.0, 1.0))
+
+
+def cast(model: nn.Module, dtype: str) -> nn.Module:
+    """Weights in half precision; float inputs are cast on the way in and outputs back to float32 on the way out."""
+    dt = getattr(torch, dtype)
+    model = model.to(dt)
+
+    def cast_in(module, args):
+        return tuple(a.to(dt) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    def cast_out(module, args, out):
+        if isinstance(out, torch.Tensor) and out.is_floating_point():
+            return out.float()
+        if isinstance(out, (tuple, list)):
+            return type(out)(o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+        return out
+    model.register_forward_pre_hook(cast_in)
+    model.register_forward_hook(cast_out)
+    return model
+
+
+@rebuilder("cast")
+def _rebuild_cast(model: nn.Module, step: dict) -> nn.Module:
+    return cast(model, step["dtype"])
+
+
+@register("quantize", "fp16", CastConfig, accepts=("torch",), produces="torch",
+          summary="cast weights to float16/bfloat16 (for GPUs; slow on most CPUs); or export ONNX with -s fp16=true")
+def fp16(artifact, config: CastConfig, ctx):
+    model = cast(copy.deepcopy(artifact.model).eval(), config.dtype)
+    out = artifact.evolve(model=model, rebuild=[*artifact.rebuild, {"op": "cast", "dtype": config.dtype}])
+    return check(artifact, out, config, ctx, retry=None)
