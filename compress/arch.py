@@ -170,8 +170,7 @@ class HFModel(nn.Module):
             model = auto.from_pretrained(path, config=config, **args)
         else:
             model = auto.from_config(config, **args)
-        model.eval()
-        return cls(model, task, pooling, normalize, str(path))
+        return cls(model, task, pooling, normalize, str(path)).eval()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         if attention_mask is None:

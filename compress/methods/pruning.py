@@ -24,7 +24,7 @@ class MagnitudeConfig:
     scope: str = option("global", "rank weights across all layers (global) or within each layer", choices=("global", "layer"))
     norm: str = option("l1", "importance of a weight", choices=("l1",))
     ignore: tuple[str, ...] = option((), "module-name patterns to leave alone (fnmatch), e.g. 'classifier*'")
-    sweep: str | None = option(None, "not used by this method")
+    sweep: str | None = option(None, "comma-separated amounts: measure each instead of pruning once")
 
 
 def prunable_layers(model: nn.Module, ignore: tuple[str, ...], types=PRUNABLE) -> list[tuple[str, nn.Module]]:
@@ -51,7 +51,9 @@ def sparsity(model: nn.Module) -> dict:
           summary="unstructured L1 magnitude (zeros weights; smaller when compressed, not faster on dense kernels)")
 def magnitude(artifact, config: MagnitudeConfig, ctx):
     if config.sweep:
-        raise CompressError("--sweep is not supported by the magnitude method yet", "Use --method structured for a sensitivity sweep")
+        from .sweep import run_sweep
+
+        return run_sweep(magnitude, artifact, config, ctx)
     import copy
 
     model = copy.deepcopy(artifact.model).eval()

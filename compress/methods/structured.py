@@ -27,7 +27,7 @@ class StructuredConfig:
     round_to: int | None = option(8, "keep channel counts a multiple of this for fast kernels (null to disable)", range=(1, 256))
     max_layer_amount: float = option(0.9, "never remove more than this fraction from one layer (global scope)", range=(0.0, 1.0))
     taylor_batches: int = option(4, "data batches used to estimate Taylor importance", range=(1, 1000))
-    sweep: str | None = option(None, "not used by this method (reserved for the sensitivity sweep)")
+    sweep: str | None = option(None, "comma-separated amounts: measure each instead of pruning once")
 
 
 def _importance(tp, name: str):
@@ -65,7 +65,9 @@ def count(tp, model, example) -> tuple[int, int]:
 def structured(artifact, config: StructuredConfig, ctx):
     tp = require("torch_pruning", "prune", "structured pruning")
     if config.sweep:
-        raise CompressError("--sweep is not available yet", "Prune once with --amount")
+        from .sweep import run_sweep
+
+        return run_sweep(structured, artifact, config, ctx)
     if not artifact.arch:
         raise CompressError("structured pruning needs a model with a known architecture spec (it is saved as spec + layer shapes)",
                             "Load the model from a state dict with --arch")
