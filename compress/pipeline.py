@@ -26,7 +26,7 @@ from .registry import STAGES
 TOP_KEYS = ("model", "data", "stages", "bench", "seed", "device")
 MODEL_KEYS = ("source", "arch", "arch_args", "input_shape", "example_input", "static_shapes", "trust_pickle")
 BENCH_KEYS = ("device", "batch_size", "threads", "data", "json", "markdown", "html", "limit", "budget_s", "min_runs", "max_runs")
-STAGE_COMMON = ("method", "target", "data")
+STAGE_COMMON = ("method", "target", "data", "branch")
 
 
 class ValidationError(CompressError):
@@ -113,13 +113,15 @@ class StagePlan:
     config: Any
     options: dict
     data: str | None
+    branch: bool = False    # write this stage's artifact, but let the next stage continue from this stage's input
 
     @property
     def label(self) -> str:
         return f"{self.index + 1:02d}-{self.stage}-{self.method.name}"
 
     def record(self) -> dict:
-        return {"stage": self.stage, "method": self.method.name, "config": registry.config_to_json(self.config)}
+        rec = {"stage": self.stage, "method": self.method.name, "config": registry.config_to_json(self.config)}
+        return rec | {"branch": True} if self.branch else rec
 
 
 @dataclass
@@ -237,6 +239,10 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
         if why:
             problems.append(f"{where}.data: {why}")
     stage_data = own_data or data
+    branch = options.pop("branch", False)
+    if not isinstance(branch, bool):
+        problems.append(f"{where}.branch: expected true or false, got {branch!r}")
+        branch = False
     config, errs = registry.build_config(method.config, options, where)
     problems.extend(errs)
     for mod, extra in method.missing():
@@ -247,8 +253,8 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
                         + (" — put it before export" if fmt in ("onnx", "torchscript", "pt2", "tensorrt") and "torch" in method.accepts else ""))
     if config is not None and method.wants_data(config) and not stage_data:
         problems.append(f"{where}: {stage} {method.name} needs data: set 'data' (e.g. data: fashion-mnist)")
-    out_fmt = method.output_format(config) if config is not None else "?"
-    return (StagePlan(i, stage, method, config, options, stage_data) if config is not None else None), out_fmt
+    out_fmt = fmt if branch else method.output_format(config) if config is not None else "?"
+    return (StagePlan(i, stage, method, config, options, stage_data, branch) if config is not None else None), out_fmt
 
 
 def _default_method(stage: str, fmt: str, available) -> str:
@@ -355,12 +361,14 @@ def run(doc: dict, out: str | Path, *, force: bool = False, resume: bool = False
             reusing = reused is not None  # once a stage runs again, every later stage must run again too
             if reused is not None:
                 shutil.copytree(reused, tmp / "stages" / sp.label)
-                current = load_run_dir(tmp / "stages" / sp.label, trust_pickle=bool(m.get("trust_pickle")))
+                result = load_run_dir(tmp / "stages" / sp.label, trust_pickle=bool(m.get("trust_pickle")))
                 if not quiet:
                     console().print(f"[dim]reusing {sp.label} from {escape(str(out))}[/dim]")
             else:
-                current = _run_stage(sp, current, source, tmp, single, plan, quiet)
-            artifacts.append((sp.label, current))
+                result = _run_stage(sp, current, source, tmp, single, plan, quiet)
+            artifacts.append((sp.label, result))
+            if not sp.branch:
+                current = result
             done_any = True
         report = None
         if plan.bench is not None:
@@ -427,8 +435,11 @@ def _reusable(out: Path, upto: list[StagePlan], source: Artifact) -> Path | None
         made = Manifest.read(d)
     except CompressError:
         return None
-    history = [{k: s.get(k) for k in ("stage", "method", "config")} for s in made.stages]
-    wanted = [{k: s.get(k) for k in ("stage", "method", "config")} for s in source.stages] + [sp.record() for sp in upto]
+    def key(s: dict) -> dict:
+        return {k: s.get(k) for k in ("stage", "method", "config")}
+    history = [key(s) for s in made.stages]
+    # A branch stage's output fed nothing, so it is not in the history of the stages after it.
+    wanted = [key(s) for s in source.stages] + [key(sp.record()) for sp in upto[:-1] if not sp.branch] + [key(upto[-1].record())]
     return d if made.source == source.source and history == wanted else None
 
 

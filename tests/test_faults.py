@@ -102,13 +102,12 @@ def test_killed_pipeline_leaves_out_complete_or_absent(tmp_path, seed):
     assert _digest(src) == before, "the input checkpoint was modified"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == [], f"temporary files left behind: {leftovers}"
-    if rc == 0:
-        mf = json.loads((out / "manifest.json").read_text())
+    mf = json.loads((out / "manifest.json").read_text()) if out.exists() else None
+    if rc == 0 or (mf is not None and mf.get("status") != "failed"):
+        # Finished (the signal may land after OUT was committed, while exiting): OUT is complete.
         assert (out / mf["model_file"]).exists() and (out / "report.json").exists()
     elif out.exists():
         # Interrupted after a completed stage: what is there is whole and says it failed.
-        mf = json.loads((out / "manifest.json").read_text())
-        assert mf.get("status") == "failed"
         assert (out / mf["model_file"]).exists()
         assert not list((out / "stages").glob(".*"))
         art = sources.load(out / Path(mf["model_file"]).parent)
