@@ -150,22 +150,44 @@ def prune(source, arch, arch_args, input_shape, example_input, static_shapes, tr
 Examples:
   compress distill runs/pruned --teacher runs/base --data fashion-mnist -s epochs=3 -o runs/distilled
   compress distill small.pt --arch torchvision:mobilenet_v3_small --teacher big.pt --data imagefolder:train -o runs/kd
+  compress distill zoo:minilm-l6 --student-layers 3 --data rotten-tomatoes -s steps=500 -o runs/minilm-l3
+  compress distill runs/pruned --teacher runs/base --data digits --resume -o runs/kd      (after Ctrl-C)
+  torchrun --nproc_per_node 2 -m compress.cli distill runs/pruned --teacher runs/base --data digits -o runs/kd
 """)
 @click.argument("source")
 @model_options
 @click.option("--teacher", help="The teacher SOURCE (defaults to the SOURCE's original model in pipelines).")
 @click.option("--method", help="Distillation method (see 'compress ls distill').")
+@click.option("--student-layers", type=int, help="Train a shallower copy of a transformer SOURCE keeping this many encoder layers.")
 @SET_OPTION
 @DATA_OPTION
 @OUT_OPTION
 @click.option("--resume", is_flag=True, help="Continue an interrupted training from its checkpoint.")
 @global_flags
-def distill(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, teacher, method, sets, data, out, resume):
-    """Train a student model to match a teacher on real data."""
-    opts = {"method": method, "teacher": teacher, **_sets(sets)}
+def distill(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, teacher, method, student_layers, sets, data, out, resume):
+    """Train a student model to match a teacher on real data.
+
+    Runs as is under torchrun (DistributedDataParallel); only rank 0 writes OUT.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    opts = {"method": method, "teacher": teacher, "student_layers": student_layers, **_sets(sets)}
     if resume:
         opts["resume"] = True
-    _run_one("distill", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+    model = _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle)
+    rank = int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+    if rank == 0:
+        _run_one("distill", model, opts, data, out)
+        return
+    # Other torchrun ranks train alongside rank 0 but write their (identical) result to a throw-away folder.
+    STATE["quiet"] = True
+    scratch = tempfile.mkdtemp(prefix=f"compress-rank{rank}-")
+    try:
+        _run_one("distill", model, opts, data, str(Path(scratch) / "out"))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b

@@ -18,8 +18,8 @@ from compress.models import fashion_resnet
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--width", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="compress/weights/fmnist_resnet.safetensors")
     a = p.parse_args()

@@ -22,7 +22,7 @@ def _down(cin: int, cout: int) -> nn.Sequential:
 class FashionResNet(nn.Module):
     """A residual CNN for 28x28 grey images: three stages (width, 2x, 4x) of one basic block each."""
 
-    def __init__(self, width: int = 32, num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, width: int = 16, num_classes: int = 10, in_channels: int = 1):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         self.stage1 = BasicBlock(width)
@@ -38,5 +38,5 @@ class FashionResNet(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
-def fashion_resnet(width: int = 32, num_classes: int = 10, in_channels: int = 1) -> FashionResNet:
+def fashion_resnet(width: int = 16, num_classes: int = 10, in_channels: int = 1) -> FashionResNet:
     return FashionResNet(width, num_classes, in_channels)

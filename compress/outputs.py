@@ -22,6 +22,10 @@ def check_destination(out: Path, force: bool, protect: tuple[Path, ...] = ()) ->
         raise CompressError(f"output {out} already exists", "Pass --force to replace it, or choose another -o")
     if out.exists() and not out.is_dir():
         raise CompressError(f"output {out} exists and is a file, not a directory", "Choose another -o")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
+        # --force replaces a compress output, never an arbitrary folder (think -o ~ or -o /tmp).
+        raise CompressError(f"output {out} is a non-empty folder that compress did not write, so it is not replaced even with --force",
+                            "Choose a new -o, or an earlier compress output")
     resolved = out.resolve()
     for p in protect:
         p = Path(p).resolve()

@@ -250,7 +250,7 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
         problems.append(f"{where}: {stage} {method.name} needs the package '{pkg}'" + (f": pip install 'compress[{extra}]'" if extra else f": pip install {pkg}"))
     if fmt != "?" and fmt not in method.accepts:
         problems.append(f"{where}: {stage} {method.name} takes a {' or '.join(method.accepts)} model, but gets {fmt}"
-                        + (" — put it before export" if fmt in ("onnx", "torchscript", "pt2", "tensorrt") and "torch" in method.accepts else ""))
+                        + (f" — put it before the stage that makes the {fmt} model" if fmt in ("onnx", "torchscript", "pt2", "tensorrt") and "torch" in method.accepts else ""))
     if config is not None and method.wants_data(config) and not stage_data:
         problems.append(f"{where}: {stage} {method.name} needs data: set 'data' (e.g. data: fashion-mnist)")
     out_fmt = fmt if branch else method.output_format(config) if config is not None else "?"

@@ -34,7 +34,7 @@ def _fmnist_weights() -> str:
 ZOO = {
     "mobilenet_v2": {"summary": "torchvision MobileNetV2, ImageNet weights (3.5M params)",
                      "source": _mobilenet_weights, "arch": "torchvision:mobilenet_v2"},
-    "fmnist-resnet": {"summary": "residual CNN trained on Fashion-MNIST by benchmarks/train_fmnist.py (0.5M params, 28x28 grey)",
+    "fmnist-resnet": {"summary": "residual CNN trained on Fashion-MNIST by benchmarks/train_fmnist.py (0.12M params, 28x28 grey)",
                       "source": _fmnist_weights, "arch": "compress.models:fashion_resnet", "input_shape": ["1x1x28x28"]},
     "minilm-l6": {"summary": "all-MiniLM-L6-v2 sentence embeddings (BERT, 22.7M params)",
                   "source": _minilm_dir, "arch": None},

@@ -158,3 +158,15 @@ def test_data_specs_load_or_fail_cleanly(spec):
         load_data(spec)
     except CompressError:
         pass
+
+
+def test_force_never_replaces_a_folder_compress_did_not_write(tmp_path, cli):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    src = tmp_path / "m.pt"
+    torch.save(models.tiny_cnn(num_classes=5).state_dict(), src)
+    r = cli("--force", "prune", src, "--arch", "tests.models:tiny_cnn", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x16x16",
+            "--method", "magnitude", "-o", precious)
+    assert r.rc == 1 and "did not write" in r.err
+    assert (precious / "thesis.tex").read_text() == "years of work"

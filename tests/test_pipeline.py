@@ -85,7 +85,7 @@ def test_check_reports_every_problem_at_once(tiny_state, fake_methods):
         "stages[1].prune.mode: 'lineer' is not one of all, linear (did you mean 'linear'?)",
         "stages[1].prune.fail: expected true or false, got 'maybe'",
         "stages[2]: unknown stage 'prun' (did you mean 'prune'?)",
-        "stages[4].prune: prune test-scale takes a torch model, but gets torchscript — put it before export",
+        "stages[4].prune: prune test-scale takes a torch model, but gets torchscript — put it before the stage that makes the torchscript model",
         "stages[5].quantize.method: 'no-such-method' is not known",
         "stages[6]: expected one {STAGE: {options}} mapping",
         "stages[7].distill.epochs: 0 is out of range [1, ]",

@@ -1,0 +1,430 @@
+"""The benchmark harness: variants timed interleaved in one process, and the results as JSON, Markdown and a plot.
+
+A *variant* is one way to serve a model (compress's artifact, or a peer tool's), with a loader that gives a
+runner for a thread count. A runner has ``prepare(inputs) -> prepared`` (host-side conversion, not timed) and
+``run(prepared)`` (timed). :func:`measure` runs *phases* (batch size × threads × input sets): in each phase all
+variants are loaded with that thread count, warmed up on every input set, then timed round-robin — each round
+gives every variant one untimed run (to clear the previous variant's cache and spinning threads) and then
+``runs`` timed runs, and the variant order rotates every round — so a noisy machine slows them all alike and
+their ratios hold. Every variant sees the same inputs in the same order.
+"""
+from __future__ import annotations
+
+import gc
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "benchmarks" / "results"
+
+
+# ---------------------------------------------------------------- variants and phases
+@dataclass
+class Variant:
+    name: str
+    tool: str                                    # "compress", or the peer tool's name
+    load: Callable[[int], Any] | None = None     # threads -> runner (prepare / run)
+    size_bytes: int | None = None
+    build_s: float | None = None                 # compression / conversion time (compress: the pipeline's stage seconds)
+    quality: dict = field(default_factory=dict)  # {"accuracy": ...} or {"fidelity": ...}
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None                     # why it could not be built: its rows say so instead of numbers
+    info: dict = field(default_factory=dict)     # anything else worth keeping (stages, format, ...)
+    phase_errors: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)  # phase key -> stats
+    warmup_s: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Phase:
+    batch_size: int
+    threads: int
+    inputs: list[tuple]          # input sets (tuples of tensors) cycled in order
+    rounds: int = 5
+    runs: int = 10               # timed runs per variant per round
+    warmup: int = 2              # passes over all input sets before timing
+    evaluate: bool = False       # measure quality with this phase's runners (after timing)
+
+    @property
+    def key(self) -> str:
+        return f"b{self.batch_size}-t{self.threads}"
+
+
+def failed(name: str, tool: str, exc: BaseException | str, **kw) -> Variant:
+    """A variant that could not be built: kept, with the reason, so the results say what was skipped."""
+    return Variant(name, tool, error=exc if isinstance(exc, str) else short_error(exc), **kw)
+
+
+def short_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def state_dict_bytes(module: torch.nn.Module) -> int:
+    """Size of a module's weights as ``torch.save`` writes them (what a peer would ship)."""
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    return buf.tell()
+
+
+def file_bytes(path: str | Path) -> int:
+    p = Path(path)
+    files = [p, *p.parent.glob(p.name + ".data")] if p.is_file() else list(p.rglob("*"))
+    return sum(f.stat().st_size for f in files if f.is_file())
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The first output of a runner's ``run`` (torch tensors, numpy arrays, tuples, HF outputs) as a torch tensor."""
+    while isinstance(out, (list, tuple)):
+        out = out[0]
+    if hasattr(out, "logits"):
+        out = out.logits
+    return out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
+
+
+def infer(runner, inputs: tuple) -> torch.Tensor:
+    with torch.inference_mode():
+        return output_tensor(runner.run(runner.prepare(inputs))).detach().float().cpu()
+
+
+# ---------------------------------------------------------------- timing
+class _threads:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+def _reset_compiled() -> None:
+    """torch.compile specialises on the thread count at compile time: each phase compiles afresh."""
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def time_interleaved(runners: dict[str, Any], inputs: list[tuple], rounds: int, runs: int, warmup: int = 2,
+                     log: Callable[[str], None] | None = None) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
+    """Time every runner on the same inputs, interleaved round-robin. Returns (times_ms, errors, warm-up seconds)."""
+    errors: dict[str, str] = {}
+    warm_s: dict[str, float] = {}
+    prepared: dict[str, list] = {}
+    n = len(inputs)
+    with torch.inference_mode():
+        for name, r in runners.items():
+            t0 = time.perf_counter()
+            try:
+                prepared[name] = [r.prepare(x) for x in inputs]
+                for _ in range(max(1, warmup)):
+                    for p in prepared[name]:
+                        r.run(p)
+            except Exception as exc:  # noqa: BLE001 - a peer failing to run is a result, not a crash
+                errors[name] = short_error(exc)
+                if log:
+                    log(f"  {name}: failed while warming up: {errors[name]}")
+            warm_s[name] = time.perf_counter() - t0
+        live = [k for k in runners if k not in errors]
+        times: dict[str, list[float]] = {k: [] for k in live}
+        clock = time.perf_counter_ns
+        for rnd in range(rounds):
+            order = live[rnd % len(live):] + live[:rnd % len(live)] if live else []
+            for name in order:
+                if name in errors:
+                    continue
+                r, ps = runners[name], prepared[name]
+                try:
+                    r.run(ps[(rnd * runs) % n])          # untimed: clears what the previous variant left behind
+                    for k in range(runs):
+                        p = ps[(rnd * runs + k) % n]
+                        t0 = clock()
+                        r.run(p)
+                        times[name].append((clock() - t0) / 1e6)
+                except Exception as exc:  # noqa: BLE001
+                    errors[name] = short_error(exc)
+                    times.pop(name, None)
+                    if log:
+                        log(f"  {name}: failed while timing: {errors[name]}")
+    return {k: v for k, v in times.items() if k not in errors}, errors, warm_s
+
+
+def stats(times_ms: list[float], batch: int) -> dict:
+    t = sorted(times_ms)
+    mean = statistics.fmean(t)
+    return {"p50_ms": _pct(t, 50), "p90_ms": _pct(t, 90), "p99_ms": _pct(t, 99), "mean_ms": mean, "min_ms": t[0],
+            "cv": (statistics.stdev(t) / mean) if len(t) > 1 and mean else 0.0, "runs": len(t),
+            "throughput_per_s": batch * 1000.0 / mean if mean else None}
+
+
+def _pct(sorted_times: list[float], q: float) -> float:
+    k = (len(sorted_times) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (k - lo)
+
+
+def measure(variants: list[Variant], phases: list[Phase], evaluate: Callable[[Any], dict] | None = None,
+            log: Callable[[str], None] | None = print) -> None:
+    """Run every phase over every buildable variant; fills ``timings``, ``warmup_s``, ``phase_errors`` and ``quality``."""
+    for phase in phases:
+        if log:
+            log(f"  timing batch {phase.batch_size}, {phase.threads} thread(s): {sum(v.ok for v in variants)} variants × "
+                f"{phase.rounds} rounds × {phase.runs} runs")
+        with _threads(phase.threads):
+            _reset_compiled()
+            runners = {}
+            for v in variants:
+                if not v.ok:
+                    continue
+                try:
+                    runners[v.name] = v.load(phase.threads)
+                except Exception as exc:  # noqa: BLE001
+                    v.phase_errors[phase.key] = f"could not load: {short_error(exc)}"
+            times, errors, warm = time_interleaved(runners, phase.inputs, phase.rounds, phase.runs, phase.warmup, log)
+            by_name = {v.name: v for v in variants}
+            for name, err in errors.items():
+                by_name[name].phase_errors[phase.key] = err
+            for name, t in times.items():
+                by_name[name].timings[phase.key] = stats(t, phase.batch_size)
+            for name, s in warm.items():
+                by_name[name].warmup_s[phase.key] = s
+            if phase.evaluate and evaluate is not None:
+                for name, r in runners.items():
+                    if name in errors:
+                        continue
+                    try:
+                        by_name[name].quality.update(evaluate(r))
+                    except Exception as exc:  # noqa: BLE001
+                        by_name[name].notes.append(f"quality not measured: {short_error(exc)}")
+                        if log:
+                            log(f"  {name}: quality failed: {short_error(exc)}\n{traceback.format_exc(limit=3)}")
+            del runners
+            gc.collect()
+
+
+def rows_for(variants: list[Variant], phases: list[Phase]) -> list[dict]:
+    """The JSON rows: one per variant and phase; failed ones carry status and note instead of numbers."""
+    rows = []
+    for v in variants:
+        for ph in phases:
+            t = v.timings.get(ph.key)
+            row = {"variant": v.name, "tool": v.tool, "batch_size": ph.batch_size, "threads": ph.threads,
+                   "p50_ms": None, "p90_ms": None, "p99_ms": None, "throughput_per_s": None,
+                   "size_bytes": v.size_bytes, **{k: v.quality.get(k) for k in ("accuracy", "fidelity") if k in v.quality},
+                   "compression_s": _round(v.build_s), "warmup_s": _round(v.warmup_s.get(ph.key))}
+            if t:
+                row.update({k: _round(t[k], 4) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "cv")})
+                row["throughput_per_s"] = _round(t["throughput_per_s"], 2)
+                row["runs"] = t["runs"]
+                row["status"] = "ok"
+            else:
+                row["status"] = "failed"
+                row["note"] = v.error or v.phase_errors.get(ph.key) or "not measured"
+            if v.notes:
+                row["notes"] = list(v.notes)
+            if v.info:
+                row["info"] = v.info
+            rows.append(row)
+    return rows
+
+
+def _round(x, nd: int = 3):
+    return None if x is None else round(float(x), nd)
+
+
+# ---------------------------------------------------------------- machine
+def machine() -> dict:
+    import onnxruntime
+
+    cpu = platform.processor() or platform.machine()
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), cpu)
+        flags = info
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": cores, "vnni": any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx")),
+            "avx512": "avx512f" in flags, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version(), "platform": platform.platform(), "load_avg_at_start": load}
+
+
+# ---------------------------------------------------------------- verdicts
+def verdict(target: str, passed: bool | None, measured: str) -> dict:
+    """passed None: could not be judged (a side failed or was skipped); the measured text says why."""
+    return {"target": target, "passed": passed, "measured": measured}
+
+
+def best(rows: list[dict], tool_is_compress: bool, key: str = "p50_ms", batch: int = 1, bar: Callable[[dict], bool] | None = None):
+    """The fastest row (lowest ``key``) at ``batch`` among compress's rows or among the peers' rows, optionally meeting a bar."""
+    cands = [r for r in rows if r["batch_size"] == batch and r.get(key) is not None and (r["tool"] == "compress") == tool_is_compress
+             and (bar is None or bar(r))]
+    return min(cands, key=lambda r: r[key]) if cands else None
+
+
+# ---------------------------------------------------------------- writing
+def write_results(results: dict, out: str | Path) -> list[Path]:
+    """latest.json, RESULTS.md and latency_vs_accuracy.png in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    path = out / "latest.json"
+    path.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+    written.append(path)
+    plot = out / "latency_vs_accuracy.png"
+    try:
+        plot_latency_vs_quality(results, plot)
+        written.append(plot)
+    except ImportError:
+        plot = None
+    md = out / "RESULTS.md"
+    md.write_text(markdown(results, plot.name if plot else None))
+    written.append(md)
+    return written
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _size(b) -> str:
+    if b is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if b < 1024 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+
+
+def _num(x, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def quality_of(row: dict) -> tuple[str, float | None]:
+    if row.get("accuracy") is not None:
+        return "accuracy", row["accuracy"]
+    if row.get("fidelity") is not None:
+        return "fidelity", row["fidelity"]
+    return "", None
+
+
+def suite_table(suite: dict) -> list[str]:
+    """One line per variant: batch-1 latency percentiles, batch-N throughput, size, quality, compression time."""
+    rows = suite["rows"]
+    small = [r for r in rows if r["batch_size"] == 1]
+    large = {r["variant"]: r for r in rows if r["batch_size"] != 1}
+    big = next(iter(large.values()), None)
+    metric = suite.get("metric", "accuracy")
+    head = ["variant", "tool", "p50 ms", "p90 ms", "p99 ms",
+            f"items/s (b{big['batch_size']}, {big['threads']}t)" if big else "items/s", "size", metric, "compression s", "note"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * 7 + ["---"]) + "|"]
+    selected = suite.get("selected")
+    for r in small:
+        b = large.get(r["variant"], {})
+        _, q = quality_of(r)
+        name = f"**{r['variant']}**" if r["variant"] == selected else r["variant"]
+        note = r.get("note") or b.get("note") or "; ".join(r.get("notes", [])) or ""
+        comp = r.get("compression_s")
+        lines.append("| " + " | ".join([
+            name, r["tool"], _num(r["p50_ms"], "{:.3f}"), _num(r["p90_ms"], "{:.3f}"), _num(r["p99_ms"], "{:.3f}"),
+            _num(b.get("throughput_per_s"), "{:.1f}"), _size(r.get("size_bytes")),
+            _num(q, "{:.2%}") if metric == "accuracy" else _num(q, "{:.3f}"), _num(comp, "{:.1f}"),
+            note.replace("|", "\\|").replace("\n", " ")[:240]]) + " |")
+    return lines
+
+
+def markdown(results: dict, plot: str | None = None) -> str:
+    m = results.get("machine", {})
+    lines = ["# compress benchmarks", ""]
+    if results.get("quick"):
+        lines += ["> **Quick run** (`--quick`): fewer timed runs and a smaller training budget; the figures are indicative only.", ""]
+    lines += [f"Machine: {m.get('cpu')} · {m.get('cores')} cores · VNNI {'yes' if m.get('vnni') else 'no'} · "
+              f"torch {m.get('torch')} · onnxruntime {m.get('onnxruntime')} · Python {m.get('python')} · "
+              f"load average {_num(m.get('load_avg_at_start'))} at start, {_num(m.get('load_avg_at_end'))} at end.", "",
+              "Latency: batch 1, 1 thread, p50/p90/p99 over all timed runs. Throughput: the larger batch with all threads. "
+              "Variants are timed interleaved in one process (round-robin, rotating order, one untimed run before each "
+              "variant's turn) on the same real inputs; size is the bytes on disk of what is served.", ""]
+    for suite in results.get("suites", []):
+        lines += [f"## {suite['name']}: {suite.get('title', '')}".rstrip(": "), ""]
+        if suite.get("description"):
+            lines += [suite["description"], ""]
+        if suite.get("error"):
+            lines += [f"**The suite failed:** {suite['error']}", ""]
+        if suite.get("verdicts"):
+            lines += ["Targets:", ""]
+            for v in suite["verdicts"]:
+                mark = "PASS" if v["passed"] else ("not judged" if v["passed"] is None else "**MISSED**")
+                lines.append(f"- {mark} — {v['target']}: {v['measured']}")
+            lines.append("")
+        if suite.get("rows"):
+            lines += suite_table(suite) + [""]
+        if suite.get("stages"):
+            lines += ["compress pipeline, stage by stage:", "", "| stage | format | " + suite.get("metric", "accuracy") + " | seconds |",
+                      "|---|---|---:|---:|"]
+            for s in suite["stages"]:
+                q = s.get("accuracy", s.get("fidelity"))
+                lines.append(f"| {s['label']} | {s.get('format', '')} | {_num(q, '{:.2%}') if 'accuracy' in s else _num(q, '{:.3f}')} | "
+                             f"{_num(s.get('seconds'), '{:.1f}')} |")
+            lines.append("")
+        if suite.get("notes"):
+            lines += ["Notes:", ""] + [f"- {n}" for n in suite["notes"]] + [""]
+    if plot:
+        lines += ["## Latency vs accuracy", "", f"![latency vs accuracy]({plot})", ""]
+    return "\n".join(lines)
+
+
+def plot_latency_vs_quality(results: dict, path: Path) -> None:
+    from matplotlib.figure import Figure  # ImportError without matplotlib: the caller leaves the plot out
+
+    suites = [s for s in results.get("suites", []) if any(r["batch_size"] == 1 and r.get("p50_ms") and quality_of(r)[1] is not None
+                                                          for r in s.get("rows", []))]
+    if not suites:
+        raise ImportError("nothing to plot")
+    fig = Figure(figsize=(6.0 * len(suites), 4.5))
+    for i, s in enumerate(suites):
+        ax = fig.add_subplot(1, len(suites), i + 1)
+        rows = [r for r in s["rows"] if r["batch_size"] == 1 and r.get("p50_ms") and quality_of(r)[1] is not None]
+        for r in rows:
+            metric, q = quality_of(r)
+            mine = r["tool"] == "compress"
+            ax.scatter(r["p50_ms"], q, color="tab:red" if mine else "tab:blue", marker="*" if r["variant"] == s.get("selected") else "o",
+                       s=120 if r["variant"] == s.get("selected") else 36, zorder=3)
+            ax.annotate(r["variant"], (r["p50_ms"], q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log)")
+        ax.set_ylabel(quality_of(rows[0])[0])
+        ax.set_title(s["name"])
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,272 @@
+"""Peer tools, each used the way its documentation shows, at its best settings for a CPU.
+
+Every builder returns a :class:`~benchmarks.harness.Variant`; one that cannot be built returns a variant
+holding the reason (the results then say so) instead of raising. Peers are written against the tools'
+public APIs directly, not through compress.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .harness import Variant, failed, file_bytes, state_dict_bytes
+
+
+# ---------------------------------------------------------------- runners
+class TorchRunner:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def prepare(self, inputs):
+        return tuple(inputs)
+
+    def run(self, prepared):
+        return self.fn(*prepared)
+
+
+class OrtRunner:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def prepare(self, inputs):
+        return {n: x.numpy() for n, x in zip(self.names, inputs)}
+
+    def run(self, feed):
+        return self.session.run(None, feed)
+
+
+@contextlib.contextmanager
+def _quiet():
+    logging.getLogger().setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- torch
+def torch_eager(model: nn.Module, name: str = "torch fp32 eager") -> Variant:
+    return Variant(name, "torch", load=lambda threads: TorchRunner(model), size_bytes=state_dict_bytes(model), build_s=0.0)
+
+
+def torch_compile(model: nn.Module, name: str = "torch.compile fp32") -> Variant:
+    # compiled lazily in each phase's warm-up (the harness resets dynamo per phase: inductor bakes in the thread count)
+    return Variant(name, "torch.compile", load=lambda threads: TorchRunner(torch.compile(model)), size_bytes=state_dict_bytes(model),
+                   notes=["compile time is in warmup_s"])
+
+
+def torch_dynamic_int8(model: nn.Module, name: str = "torch dynamic int8") -> Variant:
+    try:
+        torch.backends.quantized.engine = "x86"
+        q, secs = _timed(lambda: torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8))
+    except Exception as exc:  # noqa: BLE001
+        return failed(name, "torch.ao", exc)
+    return Variant(name, "torch.ao", load=lambda threads: TorchRunner(q), size_bytes=state_dict_bytes(q), build_s=secs)
+
+
+def torchao_int8_compile(model: nn.Module, name: str = "torchao int8 dyn + compile") -> Variant:
+    """torchao's Int8DynamicActivationInt8WeightConfig applied with quantize_, then torch.compile."""
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        def build():
+            m = copy.deepcopy(model).eval()
+            with _quiet():
+                quantize_(m, Int8DynamicActivationInt8WeightConfig())
+            return m
+        q, secs = _timed(build)
+        try:
+            size = state_dict_bytes(q)
+        except Exception:  # noqa: BLE001 - tensor subclasses may refuse plain torch.save
+            size = None
+    except Exception as exc:  # noqa: BLE001
+        return failed(name, "torchao", exc)
+    return Variant(name, "torchao", load=lambda threads: TorchRunner(torch.compile(q)), size_bytes=size, build_s=secs,
+                   notes=["compile time is in warmup_s"])
+
+
+def fx_static_int8(model: nn.Module, example: tuple, calib: list[tuple], name: str = "torch FX static int8") -> Variant:
+    """torch.ao.quantization.quantize_fx with the x86 qconfig mapping, calibrated on real data."""
+    try:
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        def build():
+            torch.backends.quantized.engine = "x86"
+            with _quiet():
+                prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), example)
+                with torch.no_grad():
+                    for x in calib:
+                        prepared(*x)
+                return convert_fx(prepared)
+        q, secs = _timed(build)
+    except Exception as exc:  # noqa: BLE001
+        return failed(name, "torch.ao FX", exc)
+    return Variant(name, "torch.ao FX", load=lambda threads: TorchRunner(q), size_bytes=state_dict_bytes(q), build_s=secs)
+
+
+def pt2e_compile(model: nn.Module, example: tuple, calib: list[tuple], name: str = "torchao PT2E int8 + compile") -> Variant:
+    """torchao's PT2E flow with the X86InductorQuantizer, then torch.compile (the documented Inductor path).
+
+    Compiled once here so a failure (on torch 2.14: onednn.qconv_prepack) is recorded as this variant's result."""
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
+
+        def build():
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            two = tuple(torch.cat([t, t]) for t in example)   # a batch of 1 would be specialised to a constant
+            with _quiet():
+                graph = torch.export.export(copy.deepcopy(model).eval(), two, dynamic_shapes=tuple({0: batch} for _ in example)).module()
+                quantizer = xiq.X86InductorQuantizer()
+                quantizer.set_global(xiq.get_default_x86_inductor_quantization_config())
+                prepared = prepare_pt2e(graph, quantizer)
+                with torch.no_grad():
+                    for x in calib:
+                        prepared(*x)
+                converted = convert_pt2e(prepared)
+                with torch.no_grad():
+                    torch.compile(converted)(*example)   # surfaces a lowering failure now
+            return converted
+        q, secs = _timed(build)
+    except Exception as exc:  # noqa: BLE001
+        return failed(name, "torchao PT2E", exc)
+    return Variant(name, "torchao PT2E", load=lambda threads: TorchRunner(torch.compile(q)), size_bytes=state_dict_bytes(q), build_s=secs,
+                   notes=["compile time is in warmup_s"])
+
+
+# ---------------------------------------------------------------- onnxruntime
+def export_onnx(model: nn.Module, example: tuple, names: list[str], path: Path, dynamic: dict[str, dict[int, str]]) -> Path:
+    """torch.onnx.export with the TorchScript-based exporter at opset 17 (the graph onnxruntime's fusions recognise)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(model.eval(), example, str(path), dynamo=False, opset_version=17, input_names=names, output_names=["logits"],
+                          dynamic_axes={**dynamic, "logits": {0: "batch"}}, do_constant_folding=True)
+    return path
+
+
+def ort_fp32(onnx_path: Path, name: str = "onnxruntime fp32", build_s: float | None = None, tool: str = "onnxruntime") -> Variant:
+    return Variant(name, tool, load=lambda threads: OrtRunner(onnx_path, threads), size_bytes=file_bytes(onnx_path), build_s=build_s)
+
+
+def ort_transformer_fused(onnx_path: Path, out: Path, num_heads: int, hidden: int) -> Path:
+    """onnxruntime.transformers.optimizer: Attention / SkipLayerNormalization / BiasGelu fusion for BERT."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet():
+        opt = optimize_model(str(onnx_path), model_type="bert", num_heads=num_heads, hidden_size=hidden)
+        opt.save_model_to_file(str(out))
+    return out
+
+
+def ort_optimum_dynamic_int8(fused: Path, out: Path) -> Path:
+    """Optimum's ``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)``: QOperator dynamic int8 of
+    MatMul/Add, int8 symmetric weights, uint8 asymmetric activations, no reduce_range."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(fused), str(out), op_types_to_quantize=["MatMul", "Add"], per_channel=False, reduce_range=False,
+                         weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    return out
+
+
+class _Reader:
+    def __init__(self, batches, names):
+        self.items = [dict(zip(names, (t.numpy() for t in b))) for b in batches]
+        self.it = iter(self.items)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):
+        self.it = iter(self.items)
+
+
+def ort_static_qdq(fp32: Path, out: Path, calib: list[tuple]) -> Path:
+    """onnxruntime's documented CNN recipe: quant_pre_process, then quantize_static to Q/DQ (int8 per-channel weights,
+    uint8 activations, MinMax calibration on real data)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.parent / (out.stem + "_pre.onnx")
+    with _quiet(), contextlib.chdir(out.parent):
+        quant_pre_process(str(fp32), str(pre))
+        names = [i.name for i in ort.InferenceSession(str(pre), providers=["CPUExecutionProvider"]).get_inputs()]
+        quantize_static(str(pre), str(out), _Reader(calib, names), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+    pre.unlink(missing_ok=True)
+    return out
+
+
+# ---------------------------------------------------------------- peer sets
+def cnn_peers(model: nn.Module, example: tuple, calib: list[tuple], workdir: Path, log=print) -> list[Variant]:
+    """The vision peers: torch eager, torch.compile, FX static int8, torchao PT2E + compile, onnxruntime fp32 and static QDQ int8."""
+    out = [torch_eager(model), torch_compile(model)]
+    log("  peer: torch FX static int8")
+    out.append(fx_static_int8(model, example, calib))
+    log("  peer: torchao PT2E int8 + compile")
+    out.append(pt2e_compile(model, example, calib))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log("  peer: onnxruntime fp32 / static QDQ int8")
+    try:
+        fp32, secs = _timed(lambda: export_onnx(model, example, ["input"], workdir / "peer_fp32.onnx", {"input": {0: "batch"}}))
+        out.append(ort_fp32(fp32, build_s=secs))
+    except Exception as exc:  # noqa: BLE001
+        out.append(failed("onnxruntime fp32", "onnxruntime", exc))
+        out.append(failed("onnxruntime static QDQ int8", "onnxruntime", "needs the fp32 ONNX export, which failed"))
+        return out
+    try:
+        q, qs = _timed(lambda: ort_static_qdq(fp32, workdir / "peer_qdq.onnx", calib))
+        out.append(ort_fp32(q, "onnxruntime static QDQ int8", build_s=secs + qs))
+    except Exception as exc:  # noqa: BLE001
+        out.append(failed("onnxruntime static QDQ int8", "onnxruntime", exc))
+    return out
+
+
+def text_peers(model: nn.Module, export_model: nn.Module, example: tuple, workdir: Path, num_heads: int, hidden: int, log=print) -> list[Variant]:
+    """The text peers: torch eager, torch.compile, torch dynamic int8, torchao int8 + compile, onnxruntime fused fp32,
+    and onnxruntime fused + dynamic int8 (Optimum's recipe). ``export_model`` is the same weights with eager attention,
+    whose graph onnxruntime's fusion recognises."""
+    out = [torch_eager(model), torch_compile(model), torch_dynamic_int8(model)]
+    log("  peer: torchao int8")
+    out.append(torchao_int8_compile(model))
+    workdir.mkdir(parents=True, exist_ok=True)
+    log("  peer: onnxruntime fused fp32 / Optimum dynamic int8")
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}}
+    try:
+        def fp32_fused():
+            raw = export_onnx(export_model, example, ["input_ids", "attention_mask"], workdir / "peer_raw.onnx", axes)
+            return ort_transformer_fused(raw, workdir / "peer_fused.onnx", num_heads, hidden)
+        fused, secs = _timed(fp32_fused)
+        out.append(ort_fp32(fused, "onnxruntime fp32 fused", build_s=secs))
+    except Exception as exc:  # noqa: BLE001
+        out.append(failed("onnxruntime fp32 fused", "onnxruntime", exc))
+        out.append(failed("onnxruntime fused + dyn int8 (Optimum)", "onnxruntime", "needs the fused fp32 export, which failed"))
+        return out
+    try:
+        q, qs = _timed(lambda: ort_optimum_dynamic_int8(fused, workdir / "peer_int8.onnx"))
+        out.append(ort_fp32(q, "onnxruntime fused + dyn int8 (Optimum)", build_s=secs + qs))
+    except Exception as exc:  # noqa: BLE001
+        out.append(failed("onnxruntime fused + dyn int8 (Optimum)", "onnxruntime", exc))
+    return out

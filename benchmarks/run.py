@@ -1,0 +1,69 @@
+"""Benchmark compress against peer tools on real pretrained models and real offline data.
+
+    python benchmarks/run.py [--suite text|vision|fmnist ...] [--quick] [--out DIR]
+
+Writes DIR/latest.json, DIR/RESULTS.md and DIR/latency_vs_accuracy.png (DIR defaults to benchmarks/results).
+``--quick`` keeps every variant but times fewer runs and trains for less; its figures are indicative only.
+Run it on a quiet machine for numbers worth publishing: variants are interleaved so their ratios hold under
+noise, but absolute latencies do not.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import DEFAULT_OUT, machine, short_error, write_results  # noqa: E402
+from benchmarks.suites import SUITES, Settings  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default: all)")
+    p.add_argument("--quick", action="store_true", help="fewer timed runs and a smaller training budget (same variants)")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="where latest.json, RESULTS.md and the plot go (default: %(default)s)")
+    p.add_argument("--work", default=None, help="scratch folder for pipeline outputs and peer exports (default: a temporary folder)")
+    p.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"), help="trained teachers are kept here between runs")
+    p.add_argument("--threads", type=int, default=None, help="threads for the large-batch phase (default: all cores)")
+    a = p.parse_args(argv)
+    names = a.suite or list(SUITES)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = a.threads or cores
+    torch.set_num_threads(threads)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="compress-bench-"))
+    settings = Settings(quick=a.quick, work=work, cache=Path(a.cache), threads=threads, log=lambda m: print(m, flush=True))
+    results = {"machine": machine(), "quick": a.quick, "suites": []}
+    started = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        print(f"== suite {name}{' (quick)' if a.quick else ''}", flush=True)
+        try:
+            suite = SUITES[name](settings)
+        except Exception as exc:  # noqa: BLE001 - one broken suite must not hide the others' results
+            traceback.print_exc()
+            suite = {"name": name, "error": short_error(exc), "rows": [], "verdicts": [], "notes": []}
+        suite["seconds"] = round(time.perf_counter() - t0, 1)
+        results["suites"].append(suite)
+        for v in suite.get("verdicts", []):
+            mark = "PASS" if v["passed"] else "not judged" if v["passed"] is None else "MISSED"
+            print(f"   {mark}: {v['target']}: {v['measured']}", flush=True)
+    results["machine"]["load_avg_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    for path in write_results(results, a.out):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Every example command in the README and in the commands' --help parses: no stale flags or commands."""
+from __future__ import annotations
+
+import re
+import shlex
+
+import click
+import pytest
+
+from compress.cli import cli
+
+from .conftest import ROOT
+
+
+def _examples() -> list[str]:
+    lines = []
+    in_code = False
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+            continue
+        if in_code and line.strip().startswith("compress "):
+            lines.append(line.strip())
+    for name, cmd in cli.commands.items():
+        for line in (cmd.epilog or "").splitlines():
+            if line.strip().startswith("compress "):
+                lines.append(line.strip())
+    for line in (cli.epilog or "").splitlines():
+        if line.strip().startswith("compress "):
+            lines.append(line.strip())
+    return lines
+
+
+EXAMPLES = _examples()
+
+
+def test_there_are_examples_for_every_command():
+    used = {shlex.split(re.sub(r"\s+#.*$|\s+\(.*\)$", "", e))[1] for e in EXAMPLES}
+    assert set(cli.commands) <= used, f"commands without an example: {set(cli.commands) - used}"
+
+
+@pytest.mark.parametrize("line", EXAMPLES)
+def test_example_command_parses(line):
+    line = re.sub(r"\s+#.*$", "", line)           # trailing comments
+    line = re.sub(r"\s+\([^)]*\)\s*$", "", line)  # trailing notes in parentheses
+    args = shlex.split(line)[1:]
+    while args and args[0].startswith("--"):
+        args.pop(0)                               # global flags before the command
+    name, rest = args[0], args[1:]
+    assert name in cli.commands, f"unknown command in example: {line}"
+    cmd = cli.commands[name]
+    with click.Context(cli) as parent:
+        cmd.make_context(name, list(rest), parent=parent)  # raises on unknown options or missing arguments
