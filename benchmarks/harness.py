@@ -421,7 +421,15 @@ def plot_latency_vs_quality(results: dict, path: Path) -> None:
             ax.scatter(r["p50_ms"], q, color="tab:red" if mine else "tab:blue", marker="*" if r["variant"] == s.get("selected") else "o",
                        s=120 if r["variant"] == s.get("selected") else 36, zorder=3)
             ax.annotate(r["variant"], (r["p50_ms"], q), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if s.get("quality_bar") is not None:
+            ax.axhline(s["quality_bar"], color="grey", linestyle="--", linewidth=1, label=f"bar ({s['quality_bar']:.3f})")
+        ax.scatter([], [], color="tab:red", label="compress")
+        ax.scatter([], [], color="tab:blue", label="peers")
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
+        from matplotlib.ticker import ScalarFormatter
+
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log)")
         ax.set_ylabel(quality_of(rows[0])[0])
         ax.set_title(s["name"])

@@ -22,7 +22,7 @@ PENDING = {"prune": "pruning (issue #6)", "distill": "distillation (issue #7)", 
            "export": "export (issue #3)"}
 # Modules that register methods when imported; a missing optional dependency only disables that module.
 METHOD_MODULES = ("compress.exporters.torchscript", "compress.exporters.onnx", "compress.exporters.pt2",
-                  "compress.exporters.tensorrt", "compress.methods.pruning", "compress.methods.structured",
+                  "compress.exporters.tensorrt", "compress.methods.pruning", "compress.methods.structured", "compress.methods.transformer",
                   "compress.methods.quantize", "compress.methods.distill")
 
 

@@ -51,7 +51,7 @@ class InputSpec:
             return torch.ones(shape, dtype=dtype)
         if "type" in self.name:
             return torch.zeros(shape, dtype=dtype)
-        return torch.randint(0, 1000, shape, generator=gen, dtype=dtype)
+        return torch.randint(0, 100, shape, generator=gen, dtype=dtype)  # token ids: small enough for any vocabulary
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "dynamic_axes": list(self.dynamic_axes)}

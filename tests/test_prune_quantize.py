@@ -124,3 +124,45 @@ def test_minilm_dynamic_int8_keeps_sentence_embeddings(tmp_path):
     # Measured: mean cosine 0.973 with every Linear per-channel int8 (issue #5 asks for >= 0.99: not reached yet).
     assert m["cosine"] > 0.96 and m["quantized_layers"] == 37
     assert (tmp_path / "out" / "model.pt").stat().st_size < 0.7 * 90_000_000
+
+
+def _bert_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    transformers.BertModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def test_head_and_mlp_pruning_on_a_bert_reloads_and_exports(tmp_path):
+    folder = _bert_folder(tmp_path)
+    src = {"source": str(folder), "input_shape": ["input_ids=1x16:int64", "attention_mask=1x16:int64"]}
+    res = run({"model": src, "stages": [{"prune": {"method": "heads", "amount": 0.5, "mlp_amount": 0.5}},
+                                         {"export": {"target": "onnx"}}]}, tmp_path / "o", quiet=True)
+    pruned = res.artifacts[1][1]
+    m = pruned.stages[-1]["metrics"]
+    assert m["heads_per_layer"] == [2, 2] and m["mlp_width_per_layer"] == [32, 32] and m["params_ratio"] < 0.9
+    reloaded = sources.load(tmp_path / "o" / "stages" / "01-prune-heads").model
+    layer = reloaded.model.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 2 and layer.attention.self.query.out_features == 16
+    ids, mask = torch.randint(0, 100, (3, 10)), torch.ones(3, 10, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids, mask), pruned.model(ids, mask), atol=1e-5)
+    assert res.final.format == "onnx" and res.final.stages[-1]["metrics"]["max_abs_diff"] < 1e-4
+
+
+def test_head_pruning_refuses_a_cnn(tmp_path, cnn_source, cli):
+    r = cli("prune", cnn_source["source"], "--arch", cnn_source["arch"], "--arch-args", json.dumps(cnn_source["arch_args"]),
+            "--input-shape", "1x3x32x32", "--method", "heads", "-o", tmp_path / "o")
+    assert r.rc == 1 and "BERT-like" in r.err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_minilm_heads_pruned_keep_embeddings_close(tmp_path):
+    res = run({"model": {"source": "zoo:minilm-l6"}, "data": "rotten-tomatoes", "stages": [{"prune": {"method": "heads", "amount": 0.25}}]},
+              tmp_path / "o", quiet=True)
+    m = res.final.stages[-1]["metrics"]
+    # Measured 0.918 with activation importance (0.900 with weight magnitude).
+    assert m["importance"] == "activation" and m["heads_per_layer"] == [9] * 6 and m["cosine"] >= 0.9, m

@@ -237,7 +237,7 @@ class _Setup:
     max_length: int
     device: torch.device
     autocast: object
-    metric: str          # accuracy | cosine
+    metric: str          # accuracy (labelled classifier) | agreement (top-1 with the teacher) | cosine (embeddings)
     batch_size: int
     world: int
     rank: int
@@ -306,7 +306,7 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
         if alpha > 0 and not classifier:
             raise CompressError(f"alpha={alpha} asks for a hard-label loss but the model is not a classifier for this data "
                                 f"(its output is {tuple(s_out.shape[1:])}, matched by {kind})", "Set alpha=0")
-        setup.metric = "accuracy" if bundle.labelled and classifier else "cosine"
+        setup.metric = ("accuracy" if bundle.labelled else "agreement") if classifier else "cosine"
         projections = nn.ModuleList()
         torch.manual_seed(seed)
         for (tn, _), (sn, _), tf, sf in zip(points_t, points_s, t_feats, s_feats):
@@ -489,7 +489,7 @@ def _train(trained, wrapper, teacher, t_taps, config, ctx, setup: _Setup, plan, 
     needs_teacher = plan["alpha"] < 1 or config.feature_weight > 0 or config.attention_weight > 0
 
     ckpt_path = _checkpoint_path(config, ctx, setup, seed, teacher, wrapper)
-    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": 0.0, "loss_n": 0, "log": [], "best": None, "best_epoch": None,
+    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": {}, "loss_n": 0, "log": [], "best": None, "best_epoch": None,
              "best_state": None, "bad_epochs": 0, "before": None, "rng": None}
     resumed = None
     if ckpt_path.exists():
@@ -526,6 +526,7 @@ def _train(trained, wrapper, teacher, t_taps, config, ctx, setup: _Setup, plan, 
         last_saved = state["step"]
 
     metric = setup.metric
+    completed_buffers = [b.detach().clone() for b in wrapper.buffers()]
     try:
         with progress(quiet) as bar:
             task = bar.add_task("distill", total=total_steps, completed=state["step"], info="")
@@ -546,26 +547,31 @@ def _train(trained, wrapper, teacher, t_taps, config, ctx, setup: _Setup, plan, 
                         continue
                     if state["step"] >= total_steps:
                         break
-                    loss = _step(trained, teacher, t_taps, opt, sched, scaler, config, setup, plan, bundle.train, idx, needs_teacher, params)
+                    parts = _step(trained, teacher, t_taps, opt, sched, scaler, config, setup, plan, bundle.train, idx, needs_teacher, params)
                     state["step"] += 1
                     state["batch"] = b + 1
                     state["rng"] = torch.get_rng_state()
-                    state["loss_sum"] += loss
+                    for k, v in parts.items():
+                        state["loss_sum"][k] = state["loss_sum"].get(k, 0.0) + v
                     state["loss_n"] += 1
+                    completed_buffers = [b.detach().clone() for b in wrapper.buffers()]
+                    loss = parts["loss"]
                     best = state["best"]
                     bar.update(task, advance=1, info=f"epoch {epoch + 1}/{n_epochs} loss {loss:.4f}"
                                + (f" · best {metric} {best:.4f}" if best is not None else ""))
+                if dist is not None:  # DDP syncs buffers (BatchNorm statistics) before each forward: sync after the last one too
+                    for buf in wrapper.buffers():
+                        dist.broadcast(buf.data, 0)
                 score = _evaluate(wrapper, teacher, setup, teacher_cache, config)
-                mean_loss = _mean_across(state["loss_sum"], state["loss_n"], dist)
-                state["log"].append({"epoch": epoch + 1, "steps": state["step"], "loss": round(mean_loss, 6),
-                                     "lr": sched.get_last_lr()[0], metric: round(score, 6),
-                                     "seconds": round(time.perf_counter() - started, 3)})
+                losses = {k: round(_mean_across(v, state["loss_n"], dist), 6) for k, v in state["loss_sum"].items()}
+                state["log"].append({"epoch": epoch + 1, "steps": state["step"], **losses, "lr": sched.get_last_lr()[0],
+                                     metric: round(score, 6), "seconds": round(time.perf_counter() - started, 3)})
                 if state["best"] is None or score > state["best"]:
                     state.update(best=score, best_epoch=epoch + 1, bad_epochs=0,
                                  best_state={k: v.detach().cpu().clone() for k, v in wrapper.student.state_dict().items()})
                 else:
                     state["bad_epochs"] += 1
-                state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0, rng=None)
+                state.update(epoch=epoch + 1, batch=0, loss_sum={}, loss_n=0, rng=None)
                 bar.update(task, info=f"epoch {epoch + 1}/{n_epochs} {metric} {score:.4f}")
                 save()
                 _after_epoch(epoch + 1)
@@ -573,6 +579,9 @@ def _train(trained, wrapper, teacher, t_taps, config, ctx, setup: _Setup, plan, 
                     break
     except BaseException:
         if state["step"] > last_saved:  # keep the work done since the last epoch for --resume
+            with torch.no_grad():  # an interrupted forward pass may have moved BatchNorm statistics
+                for b, kept in zip(wrapper.buffers(), completed_buffers):
+                    b.copy_(kept)
             save()
         raise
 
@@ -598,7 +607,8 @@ def _after_epoch(epoch: int) -> None:
     """Called after each epoch's checkpoint is written (tests replace it to simulate an interruption)."""
 
 
-def _step(trained, teacher, t_taps, opt, sched, scaler, config, setup: _Setup, plan, ds, idx, needs_teacher, params) -> float:
+def _step(trained, teacher, t_taps, opt, sched, scaler, config, setup: _Setup, plan, ds, idx, needs_teacher, params) -> dict:
+    """One optimizer step; returns the loss and its parts (hard, soft, feature, attention) as floats."""
     (t_in, s_in), labels = _inputs(setup, ds, idx)
     with setup.autocast():
         if needs_teacher:
@@ -607,15 +617,17 @@ def _step(trained, teacher, t_taps, opt, sched, scaler, config, setup: _Setup, p
                 t_feats, t_att = t_taps.take()
         s_out, s_feats, s_att = trained(*s_in)
         alpha = plan["alpha"]
-        loss = s_out.new_zeros((), dtype=torch.float32)
+        parts = {}
         if alpha > 0:
-            loss = loss + alpha * F.cross_entropy(s_out.float(), labels)
+            parts["hard"] = (alpha, F.cross_entropy(s_out.float(), labels))
         if alpha < 1:
-            loss = loss + (1 - alpha) * _soft_loss(plan["kind"], s_out, t_out, config.temperature, config.backend)
+            parts["soft"] = (1 - alpha, _soft_loss(plan["kind"], s_out, t_out, config.temperature, config.backend))
         if config.feature_weight > 0:
-            loss = loss + config.feature_weight * torch.stack([F.mse_loss(s.float(), _width_last(t).float()) for s, t in zip(s_feats, t_feats)]).mean()
+            parts["feature"] = (config.feature_weight,
+                                torch.stack([F.mse_loss(s.float(), _width_last(t).float()) for s, t in zip(s_feats, t_feats)]).mean())
         if config.attention_weight > 0:
-            loss = loss + config.attention_weight * _attention_loss(s_att, t_att, plan["mapping"])
+            parts["attention"] = (config.attention_weight, _attention_loss(s_att, t_att, plan["mapping"]))
+        loss = sum(w * v for w, v in parts.values())
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if config.grad_clip:
@@ -624,7 +636,7 @@ def _step(trained, teacher, t_taps, opt, sched, scaler, config, setup: _Setup, p
     scaler.step(opt)
     scaler.update()
     sched.step()
-    return float(loss.detach())
+    return {"loss": float(loss.detach()), **({f"loss_{k}": float(v.detach()) for k, (_, v) in parts.items()} if len(parts) > 1 else {})}
 
 
 def _lr_lambda(schedule: str, total: int, warmup: int):
@@ -637,7 +649,7 @@ def _lr_lambda(schedule: str, total: int, warmup: int):
 
 
 def _evaluate(model, teacher, setup: _Setup, cache: dict, config: KDConfig, is_teacher: bool = False) -> float:
-    """Held-out accuracy (classifiers with labels) or mean cosine to the teacher; this rank's share, summed over ranks."""
+    """Held-out accuracy, top-1 agreement with the teacher (no labels) or mean cosine to it; summed over ranks."""
     ev = setup.bundle.eval
     n = min(config.eval_limit or len(ev), len(ev))
     mine = list(range(n))[setup.rank::setup.world]
@@ -654,8 +666,11 @@ def _evaluate(model, teacher, setup: _Setup, cache: dict, config: KDConfig, is_t
                 continue
             if b not in cache:
                 cache[b] = _main_output(teacher(*t_in)).float()
-            cos = F.cosine_similarity(out.flatten(1), cache[b].flatten(1), dim=1)
-            total += torch.tensor([float(cos.sum()), len(idx)], dtype=torch.float64)
+            if setup.metric == "agreement":
+                score = (out.argmax(1) == cache[b].argmax(1)).sum()
+            else:
+                score = F.cosine_similarity(out.flatten(1), cache[b].flatten(1), dim=1).sum()
+            total += torch.tensor([float(score), len(idx)], dtype=torch.float64)
     model.train(was_training)
     if setup.world > 1:
         import torch.distributed as dist
