@@ -360,6 +360,10 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
                 context = {"idx": idx, "label": label, "art": art, "device": device, "settings": settings, "bundle": bundle,
                            "tokenizer": tokenizer, "reference": reference, "quality_batches": quality_batches}
                 _bench_artifact(context, rows, skipped, bar, task)
+    if not rows and skipped:
+        first = skipped[0]
+        raise CompressError(f"nothing could be measured: {first['label']} failed at batch {first.get('batch_size', '?')}: {first.get('reason', '')}".rstrip(": "),
+                            "Check --input-shape (and its dtype) against the model")
     _speedups(rows)
     report = {"env": _env(), "rows": rows, "skipped": skipped, "data": settings.data, "peak_rss_mb": _peak_rss_mb(),
               "settings": {"budget_s": settings.budget_s, "min_runs": settings.min_runs, "max_runs": settings.max_runs,

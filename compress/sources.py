@@ -38,6 +38,8 @@ def load(source: str | Path, arch: str | None = None, arch_args=None, input_shap
     if path.is_dir():
         if (path / MANIFEST).exists():
             art = load_run_dir(path, trust_pickle)
+            if specs and art.model is not None:
+                check_input_spec(art.model, specs)
             return art.evolve(input_spec=specs or art.input_spec)
         if (path / "config.json").exists() or arch and arch.startswith("hf:") and not (path / "model.safetensors").exists():
             model = arch_mod.HFModel.from_spec(str(path), args, pretrained=True)
@@ -80,7 +82,20 @@ def _named(self: Artifact, name: str) -> Artifact:
 Artifact._named = _named  # type: ignore[attr-defined]
 
 
+def check_input_spec(model, specs: list[InputSpec]) -> None:
+    """Run one example through a torch model so that a wrong --input-shape is one clear error, not a crash later."""
+    try:
+        with torch.no_grad():
+            model(*(s.example(1) for s in specs))
+    except Exception as exc:  # noqa: BLE001 - whatever the model raises on a wrong shape or dtype
+        shown = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}:{s.dtype}" for s in specs)
+        raise CompressError(f"the model does not accept {shown} ({type(exc).__name__}: {_short(exc)})",
+                            "Fix --input-shape (dimensions and :DTYPE) to what the model takes") from None
+
+
 def _torch_artifact(model: nn.Module, spec: str, args: dict, specs: list[InputSpec], source: str) -> Artifact:
+    if specs:
+        check_input_spec(model, specs)
     specs = specs or arch_mod.default_input_spec(spec, model)
     if not specs:
         raise CompressError(f"the input shape of {spec} is not known", "Give --input-shape, e.g. --input-shape 1x3x32x32")

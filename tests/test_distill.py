@@ -292,6 +292,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, teacher, tmp_path
         (["--teacher", tmp_path / "five.pt", "-s", "teacher_arch=tests.models:TinyCNN", "-s", 'teacher_arch_args={"num_classes": 5, "in_channels": 1}',
           "--data", "digits", "-o", tmp_path / "o"], "the teacher's output has shape (5,) per sample but the student's has (10,)"),
         (["--teacher", teacher, "--data", "digits", "--student-layers", "2", "-o", tmp_path / "o"], "the SOURCE is not one"),
+        (["--teacher", tmp_path / "five.pt", "--data", "digits", "-o", tmp_path / "o"], "Give -s teacher_arch=SPEC"),
         (["--teacher", teacher, "--data", "digits", "-s", "backend=fasterai", "-o", tmp_path / "o"], "pip install 'compress[fasterai]'"),
         (["--teacher", teacher, "--data", "digits", "-s", "feature_weight=1", "-s", "feature_layers=features.9=nope", "-o", tmp_path / "o"],
          "feature layer 'nope' is not a module"),

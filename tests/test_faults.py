@@ -170,3 +170,17 @@ def test_force_never_replaces_a_folder_compress_did_not_write(tmp_path, cli):
             "--method", "magnitude", "-o", precious)
     assert r.rc == 1 and "did not write" in r.err
     assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("shape", ["1x3x16", "1x3x16x16:int64", "1x5x16x16"])
+@pytest.mark.parametrize("command", ["bench", "export"])
+def test_wrong_input_shape_or_dtype_is_one_clean_line(tmp_path, cli, shape, command):
+    src = tmp_path / "m.pt"
+    torch.save(models.tiny_cnn(num_classes=5).state_dict(), src)
+    args = [command, src, "--arch", "tests.models:tiny_cnn", "--arch-args", '{"num_classes": 5}', "--input-shape", shape]
+    if command == "export":
+        args += ["--target", "onnx", "-o", tmp_path / "o"]
+    r = cli(*args)
+    assert r.rc == 1 and "does not accept" in r.err and "Traceback" not in r.err
+    assert len(r.err_lines) == 1
+    assert not (tmp_path / "o").exists()

@@ -370,6 +370,11 @@ def _load_teacher(config: KDConfig, ctx, student_specs) -> Artifact:
     if config.teacher:
         from .. import sources
 
+        path = Path(config.teacher)
+        if not config.teacher_arch and path.is_file() and path.suffix.lower() in sources.STATE_SUFFIXES:
+            raise CompressError(f"the teacher {path} is a state dict (weights only), so compress needs its architecture",
+                                "Give -s teacher_arch=SPEC (and teacher_arch_args=JSON), or a run directory as --teacher")
+
         from ..arch import default_input_spec
 
         # A state-dict teacher of a custom architecture eats what the student eats.
