@@ -184,3 +184,22 @@ def test_wrong_input_shape_or_dtype_is_one_clean_line(tmp_path, cli, shape, comm
     assert r.rc == 1 and "does not accept" in r.err and "Traceback" not in r.err
     assert len(r.err_lines) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_same_inputs_and_seed_give_bit_identical_outputs(tmp_path):
+    """Pruning, export and int8 calibration are deterministic on CPU: two runs write the same bytes."""
+    src = tmp_path / "m.pt"
+    torch.save(models.tiny_cnn(num_classes=5, channels=16).state_dict(), src)
+    doc = {"model": {"source": str(src), "arch": "tests.models:tiny_cnn", "arch_args": {"num_classes": 5, "channels": 16},
+                     "input_shape": ["1x3x16x16"]},
+           "data": "digits", "seed": 3,
+           "stages": [{"prune": {"method": "structured", "amount": 0.5, "round_to": None}},
+                      {"quantize": {"method": "static", "samples": 32, "check_speed": False}}]}
+    from compress.pipeline import run
+
+    digests = []
+    for name in ("a", "b"):
+        run(doc, tmp_path / name, quiet=True)
+        files = sorted(p for p in (tmp_path / name / "stages").rglob("*") if p.suffix in (".onnx", ".safetensors"))
+        digests.append({p.relative_to(tmp_path / name).as_posix(): _digest(p) for p in files})
+    assert digests[0] and digests[0] == digests[1]
