@@ -83,9 +83,20 @@ def state_dict_bytes(module: torch.nn.Module) -> int:
 
 
 def file_bytes(path: str | Path) -> int:
+    """Bytes of a model file and what it needs: for ONNX, the external-data files its tensors name (not every
+    ``.data`` file lying next to it), for a folder, all its files."""
     p = Path(path)
-    files = [p, *p.parent.glob(p.name + ".data")] if p.is_file() else list(p.rglob("*"))
-    return sum(f.stat().st_size for f in files if f.is_file())
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    size = p.stat().st_size
+    if p.suffix == ".onnx":
+        import onnx
+
+        proto = onnx.load(str(p), load_external_data=False)
+        locations = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                     for e in t.external_data if e.key == "location"}
+        size += sum((p.parent / loc).stat().st_size for loc in locations if (p.parent / loc).is_file())
+    return size
 
 
 def output_tensor(out) -> torch.Tensor:

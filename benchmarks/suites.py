@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from . import peers
-from .harness import Phase, Variant, best, failed, measure, rows_for, short_error, verdict
+from .harness import Phase, Variant, best, failed, file_bytes, measure, rows_for, short_error, verdict
 
 ACC_BAR = 0.01   # accuracy within 1 point of the fp32 teacher
 
@@ -91,7 +91,7 @@ def compress_candidates(doc: dict, out: Path, s: Settings) -> tuple[list[Variant
     for label, art in result.artifacts[1:]:
         seconds = sum(float(st.get("seconds") or 0) for st in art.stages)
         variants.append(Variant(_describe(art), "compress", load=lambda threads, a=art: load_runner(a, "cpu", threads),
-                                size_bytes=art.size_bytes(), build_s=seconds,
+                                size_bytes=file_bytes(art.path) if art.path else None, build_s=seconds,
                                 info={"label": label, "format": art.format, "path": str(art.path),
                                       "stages": [{k: st.get(k) for k in ("stage", "method", "config", "seconds", "metrics")} for st in art.stages]}))
     return variants, result, wall

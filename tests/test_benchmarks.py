@@ -121,6 +121,8 @@ def test_ort_runner_runs_an_exported_model(tmp_path):
     out = harness.infer(r, (x,))
     assert out.shape == (2, 4)
     torch.testing.assert_close(out, model(x).detach(), atol=1e-5, rtol=1e-4)
+    (tmp_path / "leftover-from-a-tool.data").write_bytes(b"x" * 1000)   # not named by the model: not counted
+    assert harness.file_bytes(path) == path.stat().st_size
 
 
 def test_cli_help():

@@ -254,7 +254,13 @@ def test_existing_out_is_untouched_without_force(tiny_state, tmp_path, fake_meth
         pipeline.run(doc, out, quiet=True)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert fake_methods == []
+    # --force replaces compress outputs only, never a folder of the user's.
+    with pytest.raises(CompressError, match="did not write"):
+        pipeline.run(doc, out, force=True, quiet=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
     pipeline.run(doc, out, force=True, quiet=True)
+    pipeline.run(doc, out, force=True, quiet=True)   # and an earlier compress output is replaced
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
     assert _leftovers(tmp_path) == []
 
