@@ -182,11 +182,18 @@ def ort_transformer_fused(onnx_path: Path, out: Path, num_heads: int, hidden: in
 def ort_optimum_dynamic_int8(fused: Path, out: Path) -> Path:
     """Optimum's ``AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)``: QOperator dynamic int8 of
     MatMul/Add, int8 symmetric weights, uint8 asymmetric activations, no reduce_range."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
+    # The quantizer needs the type of every MatMul output; plain ONNX shape inference stops at the fused contrib ops,
+    # so fill them in with onnxruntime's symbolic shape inference first (as its transformer tools do).
+    typed = out.parent / (out.stem + "_typed.onnx")
     with _quiet():
-        quantize_dynamic(str(fused), str(out), op_types_to_quantize=["MatMul", "Add"], per_channel=False, reduce_range=False,
+        onnx.save(SymbolicShapeInference.infer_shapes(onnx.load(str(fused)), auto_merge=True, guess_output_rank=True), str(typed))
+        quantize_dynamic(str(typed), str(out), op_types_to_quantize=["MatMul", "Add"], per_channel=False, reduce_range=False,
                          weight_type=QuantType.QInt8, extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+    typed.unlink(missing_ok=True)
     return out
 
 

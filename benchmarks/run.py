@@ -36,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     names = a.suite or list(SUITES)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import logging
+    import warnings
+
     import torch
+
+    warnings.filterwarnings("ignore")                  # peers' deprecation chatter; failures are recorded per variant
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    torch._logging.set_logs(all=logging.ERROR)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = a.threads or cores

@@ -249,7 +249,8 @@ def text_suite(s: Settings) -> dict:
     # compress: a pipeline dict, run by the product's own code path
     s.log("text: compress pipeline")
     stages: list[dict] = [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "branch": True}}]
-    d = distill_options({"epochs": 1 if s.quick else 3, "student_layers": 3, "lr": 1e-4}, notes)
+    d = distill_options({"epochs": 1, "steps": 40, "student_layers": 3, "lr": 1e-4} if s.quick
+                        else {"epochs": 3, "student_layers": 3, "lr": 1e-4}, notes)
     if d is not None:
         stages += [{"distill": d}, {"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]
     notes.append("pruning was not used for text: compress's structured pruning targets convolution channels, and a shallower "

@@ -166,3 +166,24 @@ def test_minilm_heads_pruned_keep_embeddings_close(tmp_path):
     m = res.final.stages[-1]["metrics"]
     # Measured 0.918 with activation importance (0.900 with weight magnitude).
     assert m["importance"] == "activation" and m["heads_per_layer"] == [9] * 6 and m["cosine"] >= 0.9, m
+
+
+def test_iterative_structured_pruning_with_distillation_fine_tuning(tmp_path):
+    from .trained import trained_digits_cnn
+
+    path = tmp_path / "digits.pt"
+    torch.save(trained_digits_cnn(), path)
+    src = {"source": str(path), "arch": "tests.trained:digits_cnn", "input_shape": ["1x1x8x8"]}
+    res = run({"model": src, "data": "digits", "seed": 0,
+               "stages": [{"prune": {"method": "structured", "amount": 0.5, "round_to": None, "steps": 2, "schedule": "linear",
+                                     "finetune_epochs": 3, "finetune_lr": 0.003}}]}, tmp_path / "o", quiet=True)
+    m = res.final.stages[-1]["metrics"]
+    steps = m["steps"]
+    assert [s["step"] for s in steps] == [1, 2] and steps[0]["params"] > steps[1]["params"] == m["params_after"]
+    assert m["params_ratio"] < 0.4
+    # Fine-tuning from the unpruned teacher brings the pruned student back close to the teacher.
+    assert steps[-1]["finetune"]["student_accuracy_after"] > 0.75, steps
+    assert steps[-1]["finetune"]["student_accuracy_after"] > steps[-1]["finetune"]["student_accuracy_before"]
+    reloaded = sources.load(tmp_path / "o").model
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(_out(reloaded, x), _out(res.final.model, x), atol=1e-5)

@@ -28,6 +28,12 @@ class StructuredConfig:
     max_layer_amount: float = option(0.9, "never remove more than this fraction from one layer (global scope)", range=(0.0, 1.0))
     taylor_batches: int = option(4, "data batches used to estimate Taylor importance", range=(1, 1000))
     sweep: str | None = option(None, "comma-separated amounts: measure each instead of pruning once")
+    steps: int = option(1, "prune in this many steps (fine-tuning between them when finetune_epochs > 0)", range=(1, 100))
+    schedule: str = option("cubic", "how the amount grows over the steps", choices=("one-shot", "linear", "cubic"))
+    finetune_epochs: float = option(0.0, "epochs of fine-tuning on --data after each step (0: none)", range=(0.0, 100.0))
+    finetune: str = option("distill", "fine-tuning loss: distillation from the unpruned model, or labels only", choices=("distill", "labels"))
+    finetune_limit: int | None = option(None, "fine-tune on the first N training samples only", range=(1, None))
+    finetune_lr: float | None = option(None, "fine-tuning learning rate (default: the distill stage's)", range=(0.0, None))
 
 
 def _importance(tp, name: str):
@@ -60,8 +66,8 @@ def count(tp, model, example) -> tuple[int, int]:
 
 
 @register("prune", "structured", StructuredConfig, accepts=("torch",), produces="torch",
-          requires=(("torch_pruning", "prune"),), needs_data=lambda c: c.importance == "taylor",
-          summary="channel pruning with Torch-Pruning's dependency graph (really smaller and faster)")
+          requires=(("torch_pruning", "prune"),), needs_data=lambda c: c.importance == "taylor" or c.finetune_epochs > 0,
+          summary="channel pruning with Torch-Pruning's dependency graph (really smaller and faster); iterative with fine-tuning")
 def structured(artifact, config: StructuredConfig, ctx):
     tp = require("torch_pruning", "prune", "structured pruning")
     if config.sweep:
@@ -71,10 +77,52 @@ def structured(artifact, config: StructuredConfig, ctx):
     if not artifact.arch:
         raise CompressError("structured pruning needs a model with a known architecture spec (it is saved as spec + layer shapes)",
                             "Load the model from a state dict with --arch")
-    model = copy.deepcopy(artifact.model).eval()
     example = tuple(s.example(1) for s in artifact.input_spec)
-    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules()):
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in artifact.model.modules()):
         raise CompressError("the model has no Conv2d or Linear layers to prune structurally", "Use a CNN or MLP, or the magnitude method")
+    macs0, params0 = count(tp, artifact.model, example)
+    model = copy.deepcopy(artifact.model).eval()
+    pruner = _pruner(tp, model, example, config, artifact, ctx)
+    log = []
+    for k in range(config.steps):
+        # Torch-Pruning steps the ratio along the schedule; fine-tuning copies its weights back into the same
+        # model object, so the pruner's dependency graph stays valid between steps.
+        try:
+            if config.importance == "taylor":
+                _taylor_gradients(model, artifact, config, ctx)
+            pruner.step()
+        except CompressError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises plain errors on graphs it cannot trace
+            raise CompressError(f"Torch-Pruning could not prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+                                "Add the offending layers to --set ignore=..., or use --method magnitude") from None
+        model.eval()
+        entry = {"step": k + 1, "params": count(tp, model, example)[1]}
+        if config.finetune_epochs > 0:
+            tuned, entry["finetune"] = _finetune(artifact.evolve(model=model), config, ctx)
+            model.load_state_dict(tuned.model.state_dict())
+            model.eval()
+        log.append(entry)
+    macs1, params1 = count(tp, model, example)
+    ctx.metrics.update({"params_before": params0, "params_after": params1, "macs_before": macs0, "macs_after": macs1,
+                        "params_ratio": params1 / params0, "macs_ratio": macs1 / max(macs0, 1)})
+    if len(log) > 1 or config.finetune_epochs > 0:
+        ctx.metrics["steps"] = log
+    return artifact.evolve(model=model, rebuild=[*artifact.rebuild, shapes.record(model)])
+
+
+def schedule(kind: str):
+    """Torch-Pruning scheduler: cumulative ratios over the steps, one-shot, linear, or cubic (AGP: big steps first)."""
+    def fn(ratio: float, steps: int) -> list[float]:
+        if kind == "one-shot":
+            return [0.0] + [ratio] * steps
+        if kind == "linear":
+            return [ratio * i / steps for i in range(steps + 1)]
+        return [ratio * (1 - (1 - i / steps) ** 3) for i in range(steps + 1)]
+    return fn
+
+
+def _pruner(tp, model, example, config: StructuredConfig, artifact, ctx):
     keep = set(head_layers(model, example))
     ignored_names = {n for n, m in model.named_modules() if m in keep}
     if config.ignore:
@@ -83,25 +131,28 @@ def structured(artifact, config: StructuredConfig, ctx):
         ignored_names |= all_layers - kept
     modules = dict(model.named_modules())
     ignored = [modules[n] for n in sorted(ignored_names)]
-    macs0, params0 = count(tp, model, example)
     try:
-        pruner = tp.pruner.MetaPruner(model, example, importance=_importance(tp, config.importance),
-                                      global_pruning=config.scope == "global", pruning_ratio=config.amount,
-                                      max_pruning_ratio=config.max_layer_amount, ignored_layers=ignored,
-                                      round_to=config.round_to)
-        if config.importance == "taylor":
-            _taylor_gradients(model, artifact, config, ctx)
-        pruner.step()
-    except CompressError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises plain errors on graphs it cannot trace
-        raise CompressError(f"Torch-Pruning could not prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+        return tp.pruner.MetaPruner(model, example, importance=_importance(tp, config.importance),
+                                    global_pruning=config.scope == "global", pruning_ratio=config.amount,
+                                    max_pruning_ratio=config.max_layer_amount, ignored_layers=ignored, round_to=config.round_to,
+                                    iterative_steps=config.steps, iterative_pruning_ratio_scheduler=schedule(config.schedule))
+    except Exception as exc:  # noqa: BLE001
+        raise CompressError(f"Torch-Pruning could not trace this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                             "Add the offending layers to --set ignore=..., or use --method magnitude") from None
-    model.eval()
-    macs1, params1 = count(tp, model, example)
-    ctx.metrics.update({"params_before": params0, "params_after": params1, "macs_before": macs0, "macs_after": macs1,
-                        "params_ratio": params1 / params0, "macs_ratio": macs1 / max(macs0, 1)})
-    return artifact.evolve(model=model, rebuild=[*artifact.rebuild, shapes.record(model)])
+
+
+def _finetune(artifact, config: StructuredConfig, ctx):
+    """A short training run between steps: labels only, or distillation from the unpruned model (ctx.original)."""
+    import dataclasses
+
+    from .distill import KDConfig, kd
+
+    sub = dataclasses.replace(ctx, metrics={})
+    kd_config = KDConfig(epochs=max(1, int(round(config.finetune_epochs))), limit=config.finetune_limit, eval_limit=2000,
+                         alpha=1.0 if config.finetune == "labels" else None, lr=config.finetune_lr)
+    out = kd(artifact, kd_config, sub)
+    summary = {k: v for k, v in sub.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return out, summary
 
 
 def _taylor_gradients(model, artifact, config, ctx):
