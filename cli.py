@@ -169,25 +169,10 @@ def distill(source, arch, arch_args, input_shape, example_input, static_shapes, 
 
     Runs as is under torchrun (DistributedDataParallel); only rank 0 writes OUT.
     """
-    import os
-    import shutil
-    import tempfile
-
     opts = {"method": method, "teacher": teacher, "student_layers": student_layers, **_sets(sets)}
     if resume:
         opts["resume"] = True
-    model = _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle)
-    rank = int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
-    if rank == 0:
-        _run_one("distill", model, opts, data, out)
-        return
-    # Other torchrun ranks train alongside rank 0 but write their (identical) result to a throw-away folder.
-    STATE["quiet"] = True
-    scratch = tempfile.mkdtemp(prefix=f"compress-rank{rank}-")
-    try:
-        _run_one("distill", model, opts, data, str(Path(scratch) / "out"))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    _run_one("distill", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b

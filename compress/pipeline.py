@@ -329,6 +329,27 @@ class RunResult:
 def run(doc: dict, out: str | Path, *, force: bool = False, resume: bool = False, quiet: bool = False,
         where: str = "pipeline") -> RunResult:
     """Check, then run every stage, saving each; then bench. The one code path of CLI, YAML and API."""
+    rank = distributed_rank()
+    if rank:
+        # Under torchrun, the other ranks compute alongside rank 0 (distillation trains with DDP) but keep nothing:
+        # only rank 0 writes OUT.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix=f"compress-rank{rank}-") as scratch:
+            return _run(doc, Path(scratch) / "out", force=True, resume=False, quiet=True, where=where)
+    return _run(doc, out, force=force, resume=resume, quiet=quiet, where=where)
+
+
+def distributed_rank() -> int:
+    """This process's rank under torchrun (0 when not distributed)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _run(doc: dict, out: str | Path, *, force: bool, resume: bool, quiet: bool, where: str) -> RunResult:
     from rich.markup import escape
 
     from . import sources
