@@ -62,7 +62,7 @@ class Artifact:
         if self.path is None or not Path(self.path).exists():
             return None
         p = Path(self.path)
-        files = [p] + [f for f in p.parent.iterdir() if f.suffix == ".data" or f.name.endswith(".onnx.data")] if p.is_file() else list(p.rglob("*"))
+        files = [p, *_companions(p)] if p.is_file() else list(p.rglob("*"))
         return sum(f.stat().st_size for f in files if f.is_file())
 
 
@@ -108,9 +108,17 @@ def save(artifact: Artifact, directory: Path) -> Artifact:
 
 
 def _companions(model_file: Path) -> list[Path]:
-    """Files that travel with a model file (ONNX external data)."""
-    return [f for f in model_file.parent.glob(model_file.name + ".data")] + \
-           [f for f in model_file.parent.glob(model_file.stem + ".onnx_data")]
+    """Files that travel with a model file: the external-data files an ONNX model names."""
+    if model_file.suffix != ".onnx":
+        return []
+    import onnx
+
+    try:
+        graph = onnx.load(str(model_file), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - an unreadable file has no companions to count
+        return []
+    names = {e.value for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL for e in t.external_data if e.key == "location"}
+    return [model_file.parent / n for n in sorted(names) if (model_file.parent / n).is_file()]
 
 
 # Manifest keys that describe one run directory (its outcome, its stage folders), not the model: never inherited.

@@ -72,7 +72,14 @@ def calibration_batches(artifact: Artifact, ctx, samples: int, batch_size: int =
     ds = bundle.train if bundle.train is not None and len(bundle.train) else bundle.eval
     if ds is None or len(ds) == 0:
         raise CompressError(f"the calibration set '{bundle.name}' is empty", "Give data with at least one sample")
-    out = [inputs for inputs, _ in batches(ds, artifact.input_spec, batch_size, samples, tokenizer_for(artifact))]
+    n = min(samples, len(ds))
+    if n < batch_size:
+        batch_size = n
+    n -= n % batch_size          # equal batches: the entropy and percentile calibrators stack them
+    # Text keeps one sentence per batch, at its natural length, so no padding skews the activation ranges.
+    tokenizer = tokenizer_for(artifact)
+    size = 1 if tokenizer is not None else batch_size
+    out = [inputs for inputs, _ in batches(ds, artifact.input_spec, size, n, tokenizer)]
     if not out:
         raise CompressError(f"the calibration set '{bundle.name}' is empty", "Give data with at least one sample")
     return out
@@ -148,8 +155,14 @@ def first_and_last(path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]
 
 
 @contextlib.contextmanager
-def _quiet(workdir: Path | None = None):
-    """Silence onnxruntime's tools, and run them in ``workdir``: they write temporary files into the working directory."""
+def _quiet(workdir: Path):
+    """Silence onnxruntime's tools and run them in a scratch folder inside ``workdir``: they leave temporary files
+    (symbolic shape inference models, external data) in the working directory, which is removed afterwards."""
     logging.getLogger().setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), contextlib.chdir(workdir or Path.cwd()):
-        yield
+    scratch = Path(workdir) / "_ort_scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), contextlib.chdir(scratch):
+            yield
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
