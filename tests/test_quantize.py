@@ -123,4 +123,6 @@ def test_minilm_onnxruntime_dynamic_int8_embeddings(tmp_path):
               tmp_path / "o", quiet=True)
     m = _metrics(res)
     assert res.final.format == "onnx"
-    assert m["cosine"] > 0.97, m
+    # Measured: cosine 0.9916, 90.9 MB -> 22.9 MB (MatMul weights and the embedding tables in int8).
+    assert m["cosine"] >= 0.99, m
+    assert m["size_bytes_after"] < 0.3 * m["size_bytes_before"]

@@ -130,7 +130,7 @@ def quantize_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool
         for i, graph in enumerate((pre, src)):
             try:
                 with _quiet(dst.parent):
-                    ortq.quantize_dynamic(str(graph), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Attention"], per_channel=per_channel,
+                    ortq.quantize_dynamic(str(graph), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Attention", "EmbedLayerNormalization", "Gather"], per_channel=per_channel,
                                           reduce_range=reduce_range, weight_type=ortq.QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
                                           extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
                 if i:
