@@ -203,3 +203,34 @@ def test_same_inputs_and_seed_give_bit_identical_outputs(tmp_path):
         files = sorted(p for p in (tmp_path / name / "stages").rglob("*") if p.suffix in (".onnx", ".safetensors"))
         digests.append({p.relative_to(tmp_path / name).as_posix(): _digest(p) for p in files})
     assert digests[0] and digests[0] == digests[1]
+
+
+def test_no_space_left_is_one_clean_line_and_leaves_nothing(tmp_path, cli, monkeypatch):
+    import errno
+    import os as os_mod
+
+    src = tmp_path / "m.pt"
+    torch.save(models.tiny_cnn(num_classes=5).state_dict(), src)
+    real_rename = os_mod.rename
+
+    def full_disk(a, b):
+        if ".partial" in str(a):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_rename(a, b)
+    monkeypatch.setattr("compress.outputs.os.rename", full_disk)
+    r = cli("prune", src, "--arch", "tests.models:tiny_cnn", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x16x16",
+            "--method", "magnitude", "-o", tmp_path / "o")
+    assert r.rc == 1 and "no space left" in r.err.lower() and "Traceback" not in r.err
+    assert not (tmp_path / "o").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_unwritable_output_place_is_one_clean_line(tmp_path, cli):
+    src = tmp_path / "m.pt"
+    torch.save(models.tiny_cnn(num_classes=5).state_dict(), src)
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")  # a file where a directory should be: cannot create OUT below it, even as root
+    r = cli("prune", src, "--arch", "tests.models:tiny_cnn", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x16x16",
+            "--method", "magnitude", "-o", blocker / "out")
+    assert r.rc == 1 and "Traceback" not in r.err and len(r.err_lines) == 1
+    assert blocker.read_text() == "x"

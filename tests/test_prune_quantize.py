@@ -187,3 +187,22 @@ def test_iterative_structured_pruning_with_distillation_fine_tuning(tmp_path):
     reloaded = sources.load(tmp_path / "o").model
     x = torch.randn(4, 1, 8, 8)
     assert torch.allclose(_out(reloaded, x), _out(res.final.model, x), atol=1e-5)
+
+
+def test_structurally_pruned_cnn_exports_to_onnx_and_torchscript(tmp_path, cnn_source):
+    res = run({"model": cnn_source, "stages": [{"prune": {"method": "structured", "amount": 0.5, "round_to": None}},
+                                                {"export": {"target": "torchscript", "branch": True}},
+                                                {"export": {"target": "onnx"}}]}, tmp_path / "o", quiet=True)
+    labels = [label for label, _ in res.artifacts]
+    assert labels == ["source", "01-prune-structured", "02-export-torchscript", "03-export-onnx"]
+    ts, onnx_art = res.artifacts[2][1], res.artifacts[3][1]
+    assert ts.format == "torchscript" and onnx_art.format == "onnx"
+    # The ONNX export continued from the pruned model (branch: the TorchScript stage fed nothing).
+    assert [s["stage"] for s in onnx_art.stages] == ["prune", "export"]
+    for art in (ts, onnx_art):
+        assert art.stages[-1]["metrics"]["max_abs_diff"] < 1e-3
+    from compress.runners import load_runner
+
+    pruned = res.artifacts[1][1]
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.allclose(load_runner(sources.load(tmp_path / "o"))(x)[0], _out(pruned.model, x), atol=1e-4)
