@@ -457,8 +457,13 @@ def test_example_input_and_static_shapes(tmp_path, tiny_state):
     assert art.input_spec == [InputSpec("input", (2, 3, 40, 40), "float32", (0,))]
     static = sources.load(tiny_state[0], *arch, input_shapes=["1x3x32x32"], static_shapes=True)
     assert static.input_spec[0].dynamic_axes == ()
-    ids = sources.load(tiny_state[0], *arch, input_shapes=["input_ids=1x16:int64", "attention_mask=1x16:long"])
-    assert [(s.name, s.dtype) for s in ids.input_spec] == [("input_ids", "int64"), ("attention_mask", "int64")]
+    from compress.specs import parse_input_shapes
+
+    ids = parse_input_shapes(["input_ids=1x16:int64", "attention_mask=1x16:long"])
+    assert [(s.name, s.dtype) for s in ids] == [("input_ids", "int64"), ("attention_mask", "int64")]
+    # ...and a CNN given token inputs is refused when it loads, in one line.
+    with pytest.raises(CompressError, match="does not accept input_ids 1x16:int64"):
+        sources.load(tiny_state[0], *arch, input_shapes=["input_ids=1x16:int64", "attention_mask=1x16:long"])
     for bad, pattern in (("1x3xax2", "not of the form"), ("1x0x3", "zero dimension"), ("1x3:float8", "dtype 'float8'")):
         with pytest.raises(CompressError, match=pattern):
             sources.load(tiny_state[0], *arch, input_shapes=[bad])
