@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import torch
 
+from compress.bench import format_size
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 
@@ -329,15 +331,6 @@ def _jsonable(x):
     return x
 
 
-def _size(b) -> str:
-    if b is None:
-        return "-"
-    for unit in ("B", "KB", "MB", "GB"):
-        if b < 1024 or unit == "GB":
-            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
-        b /= 1024
-
-
 def _num(x, fmt: str = "{:.2f}") -> str:
     return "-" if x is None else fmt.format(x)
 
@@ -369,7 +362,7 @@ def suite_table(suite: dict) -> list[str]:
         comp = r.get("compression_s")
         lines.append("| " + " | ".join([
             name, r["tool"], _num(r["p50_ms"], "{:.3f}"), _num(r["p90_ms"], "{:.3f}"), _num(r["p99_ms"], "{:.3f}"),
-            _num(b.get("throughput_per_s"), "{:.1f}"), _size(r.get("size_bytes")),
+            _num(b.get("throughput_per_s"), "{:.1f}"), format_size(r.get("size_bytes")),
             _num(q, "{:.2%}") if metric == "accuracy" else _num(q, "{:.3f}"), _num(comp, "{:.1f}"),
             note.replace("|", "\\|").replace("\n", " ")[:240]]) + " |")
     return lines

@@ -628,7 +628,7 @@ def _fmt_metrics(m: dict) -> str:
     return ", ".join(parts)
 
 
-def _size(b) -> str:
+def format_size(b) -> str:
     if b is None:
         return "-"
     for unit in ("B", "KB", "MB", "GB"):
@@ -651,7 +651,7 @@ LEFT = ("artifact", "stage", "format", "device", "accuracy / fidelity")
 def table_rows(report: dict) -> list[list[str]]:
     return [[r["label"], r["stage"], r["format"], r["device"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
              f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['cv']:.0%}", f"{r['throughput_per_s']:.1f}",
-             f"{r['speedup_vs_source']:.2f}x" if r.get("speedup_vs_source") else "-", _size(r["size_bytes"]),
+             f"{r['speedup_vs_source']:.2f}x" if r.get("speedup_vs_source") else "-", format_size(r["size_bytes"]),
              _count(r.get("params")), _fmt_metrics(r["metrics"])] for r in report["rows"]]
 
 
