@@ -234,3 +234,34 @@ def test_unwritable_output_place_is_one_clean_line(tmp_path, cli):
             "--method", "magnitude", "-o", blocker / "out")
     assert r.rc == 1 and "Traceback" not in r.err and len(r.err_lines) == 1
     assert blocker.read_text() == "x"
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_long_distillation_keeps_memory_flat(tmp_path, monkeypatch):
+    """Ten times more training steps must not grow resident memory: nothing accumulates per step."""
+    import gc
+
+    from compress.pipeline import run
+
+    from .trained import trained_digits_cnn
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    teacher = tmp_path / "t.pt"
+    torch.save(trained_digits_cnn(), teacher)
+    src = {"source": str(teacher), "arch": "tests.trained:digits_cnn", "input_shape": ["1x1x8x8"]}
+
+    def distill(steps: int, name: str) -> float:
+        run({"model": src, "data": "digits", "stages": [{"distill": {"steps": steps, "batch_size": 32, "student_init": "random"}}]},
+            tmp_path / name, quiet=True)
+        gc.collect()
+        return _rss_mb()
+    distill(30, "warm")                 # first use: imports, allocator pools, data set caches
+    short = distill(40, "short")
+    long = distill(400, "long")
+    assert long - short < 40, f"resident memory grew by {long - short:.0f} MiB over 360 more steps"
