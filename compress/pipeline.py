@@ -26,7 +26,6 @@ from .registry import STAGES
 TOP_KEYS = ("model", "data", "stages", "bench", "seed", "device")
 MODEL_KEYS = ("source", "arch", "arch_args", "input_shape", "example_input", "static_shapes", "trust_pickle")
 BENCH_KEYS = ("device", "batch_size", "threads", "data", "json", "markdown", "html", "limit", "budget_s", "min_runs", "max_runs")
-STAGE_COMMON = ("method", "target", "data", "branch")
 
 
 class ValidationError(CompressError):

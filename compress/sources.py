@@ -30,7 +30,7 @@ def load(source: str | Path, arch: str | None = None, arch_args=None, input_shap
 
         entry = resolve(src[4:])
         return load(entry["source"], arch or entry["arch"], args or entry.get("arch_args"), input_shapes or entry.get("input_shape", ()),
-                    static_shapes, trust_pickle, example_input)._named(src)
+                    static_shapes, trust_pickle, example_input).evolve(source=src)
     path = Path(src)
     specs = _user_specs(input_shapes, example_input, static_shapes)
     if not path.exists():
@@ -73,13 +73,6 @@ def load(source: str | Path, arch: str | None = None, arch_args=None, input_shap
     model = arch_mod.build(arch, args)
     arch_mod.load_state_dict(model, state, arch)
     return _torch_artifact(model.eval(), arch, args, specs, str(path))
-
-
-def _named(self: Artifact, name: str) -> Artifact:
-    return self.evolve(source=name)
-
-
-Artifact._named = _named  # type: ignore[attr-defined]
 
 
 def check_input_spec(model, specs: list[InputSpec]) -> None:

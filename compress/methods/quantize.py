@@ -119,16 +119,11 @@ def dynamic(artifact, config: DynamicConfig, ctx):
 
 
 # ---------------------------------------------------------------- onnxruntime static
-def _ort_static(artifact: Artifact, config: StaticConfig, ctx, exclude: tuple[str, ...]) -> Artifact:
-    scratch = Path(ctx.workdir) / "_fp32"
-    src, specs = ort_q.fp32_onnx(artifact, scratch)
-    batches = ort_q.calibration_batches(artifact, ctx, config.samples)
+def _ort_static(artifact: Artifact, config: StaticConfig, ctx, src: Path, specs, batches, exclude: tuple[str, ...]) -> Artifact:
     dst = Path(ctx.workdir) / "model.onnx"
     ctx.metrics.update(ort_q.quantize_static(src, dst, batches, config.calibration, config.per_channel, config.reduce_range, exclude))
     ctx.metrics["kept_float"] = list(exclude)
-    out = artifact.evolve(format="onnx", path=dst, model=None, input_spec=specs, extra={**artifact.extra, "quantization": "static int8 QDQ"})
-    out._fp32_onnx = src  # for the retry below; removed with the scratch folder
-    return out
+    return artifact.evolve(format="onnx", path=dst, model=None, input_spec=specs, extra={**artifact.extra, "quantization": "static int8 QDQ"})
 
 
 # ---------------------------------------------------------------- torch static (PT2E + AOTInductor)
@@ -181,12 +176,15 @@ def _torch_static(artifact: Artifact, config: StaticConfig, ctx) -> Artifact:
 def static(artifact, config: StaticConfig, ctx):
     if config.backend == "torch":
         return check(artifact, _torch_static(artifact, config, ctx), config, ctx, retry=None)
-    out = _ort_static(artifact, config, ctx, tuple(config.exclude))
-
-    def retry():
-        sensitive = tuple(config.exclude) + tuple(ort_q.first_and_last(out._fp32_onnx))
-        return _ort_static(artifact, config, ctx, sensitive)
     try:
+        # Export and calibration data are made once; a retry only re-quantizes with more layers kept in float.
+        src, specs = ort_q.fp32_onnx(artifact, Path(ctx.workdir) / "_fp32")
+        batches = ort_q.calibration_batches(artifact, ctx, config.samples)
+        out = _ort_static(artifact, config, ctx, src, specs, batches, tuple(config.exclude))
+
+        def retry():
+            sensitive = tuple(config.exclude) + tuple(ort_q.first_and_last(src))
+            return _ort_static(artifact, config, ctx, src, specs, batches, sensitive)
         return check(artifact, out, config, ctx, retry=retry)
     finally:
         shutil.rmtree(Path(ctx.workdir) / "_fp32", ignore_errors=True)
@@ -274,15 +272,16 @@ def check(before: Artifact, after: Artifact, config, ctx, retry=None) -> Artifac
     """Fidelity/accuracy on real data (with --max-accuracy-drop) and a quick speed check (with --require-speedup)."""
     from ..runners import load_runner
 
-    ref = load_runner(before)
-    quality = _quality(ref, load_runner(after), ctx, before)
+    ref, new = load_runner(before), load_runner(after)
+    quality = _quality(ref, new, ctx, before)
     drop = quality.get("accuracy_drop")
     limit = getattr(config, "max_accuracy_drop", None)
     if limit is not None and drop is not None and drop > limit:
         if retry is not None:
             ctx.metrics["first_attempt_accuracy_drop"] = drop
             after = retry()
-            quality = _quality(ref, load_runner(after), ctx, before)
+            new = load_runner(after)
+            quality = _quality(ref, new, ctx, before)
             drop = quality.get("accuracy_drop")
         if drop is not None and drop > limit:
             raise CompressError(f"quantization dropped accuracy by {drop:.2%}, more than --max-accuracy-drop {limit:.2%}",
@@ -290,7 +289,7 @@ def check(before: Artifact, after: Artifact, config, ctx, retry=None) -> Artifac
     ctx.metrics.update(quality)
     ctx.metrics["size_bytes_before"], ctx.metrics["size_bytes_after"] = _size(before), _size(after)
     if getattr(config, "check_speed", True):
-        speed = _speed_ratio(ref, load_runner(after), before)
+        speed = _speed_ratio(ref, new, before)
         ctx.metrics["speedup_check"] = speed
         if speed < 1.0:
             msg = f"the quantized model is slower than its input ({speed:.2f}x at batch 1, 1 thread)"
