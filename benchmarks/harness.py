@@ -39,7 +39,8 @@ class Variant:
     load: Callable[[int], Any] | None = None     # threads -> runner (prepare / run)
     size_bytes: int | None = None
     build_s: float | None = None                 # compression / conversion time (compress: the pipeline's stage seconds)
-    quality: dict = field(default_factory=dict)  # {"accuracy": ...} or {"fidelity": ...}
+    quality: dict = field(default_factory=dict)  # {"accuracy": ...} or {"fidelity": ...}: the first evaluated phase's
+    phase_quality: dict = field(default_factory=dict)  # phase key -> quality measured in that phase's configuration
     notes: list[str] = field(default_factory=list)
     error: str | None = None                     # why it could not be built: its rows say so instead of numbers
     info: dict = field(default_factory=dict)     # anything else worth keeping (stages, format, ...)
@@ -60,7 +61,8 @@ class Phase:
     rounds: int = 5
     runs: int = 10               # timed runs per variant per round
     warmup: int = 2              # passes over all input sets before timing
-    evaluate: bool = False       # measure quality with this phase's runners (after timing)
+    evaluate: bool | Callable = False   # measure quality with this phase's runners (after timing); a callable
+                                        # replaces measure()'s evaluate for this phase (e.g. batch 1 at natural length)
 
     @property
     def key(self) -> str:
@@ -219,12 +221,16 @@ def measure(variants: list[Variant], phases: list[Phase], evaluate: Callable[[An
                 by_name[name].timings[phase.key] = stats(t, phase.batch_size)
             for name, s in warm.items():
                 by_name[name].warmup_s[phase.key] = s
-            if phase.evaluate and evaluate is not None:
+            judge = phase.evaluate if callable(phase.evaluate) else evaluate if phase.evaluate else None
+            if judge is not None:
                 for name, r in runners.items():
                     if name in errors:
                         continue
                     try:
-                        by_name[name].quality.update(evaluate(r))
+                        q = judge(r)
+                        by_name[name].phase_quality[phase.key] = q
+                        if not by_name[name].quality:
+                            by_name[name].quality.update(q)
                     except Exception as exc:  # noqa: BLE001
                         by_name[name].notes.append(f"quality not measured: {short_error(exc)}")
                         if log:
@@ -241,7 +247,7 @@ def rows_for(variants: list[Variant], phases: list[Phase]) -> list[dict]:
             t = v.timings.get(ph.key)
             row = {"variant": v.name, "tool": v.tool, "batch_size": ph.batch_size, "threads": ph.threads,
                    "p50_ms": None, "p90_ms": None, "p99_ms": None, "throughput_per_s": None,
-                   "size_bytes": v.size_bytes, **{k: v.quality.get(k) for k in ("accuracy", "fidelity") if k in v.quality},
+                   "size_bytes": v.size_bytes, **{k: q[k] for q in [v.phase_quality.get(ph.key, v.quality)] for k in ("accuracy", "fidelity") if k in q},
                    "compression_s": _round(v.build_s), "warmup_s": _round(v.warmup_s.get(ph.key))}
             if t:
                 row.update({k: _round(t[k], 4) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "cv")})
@@ -440,3 +446,25 @@ def plot_latency_vs_quality(results: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def ort_call_floor_ms(shape: tuple[int, ...], calls: int = 2000) -> float:
+    """p50 of one onnxruntime call of a graph that does nothing (Identity) on a float input of ``shape``, 1 thread:
+    the per-call floor below which no ONNX model can run from Python on this machine."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    info = lambda n: onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, list(shape))  # noqa: E731
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "floor", [info("x")], [info("y")])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(onnx.helper.make_model(graph).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = {"x": np.zeros(shape, np.float32)}
+    per = []
+    for _ in range(calls // 100):
+        t = time.perf_counter()
+        for _ in range(100):
+            sess.run(None, x)
+        per.append((time.perf_counter() - t) * 10)   # ms per call
+    return statistics.median(per)

@@ -10,6 +10,7 @@ noise, but absolute latencies do not.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="where latest.json, RESULTS.md and the plot go (default: %(default)s)")
     p.add_argument("--work", default=None, help="scratch folder for pipeline outputs and peer exports (default: a temporary folder)")
     p.add_argument("--cache", default=str(ROOT / "benchmarks" / ".cache"), help="trained teachers are kept here between runs")
+    p.add_argument("--merge", action="store_true", help="keep the other suites already in OUT/latest.json (each keeps its own machine record)")
     p.add_argument("--threads", type=int, default=None, help="threads for the large-batch phase (default: all cores)")
     a = p.parse_args(argv)
     names = a.suite or list(SUITES)
@@ -68,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {mark}: {v['target']}: {v['measured']}", flush=True)
     results["machine"]["load_avg_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     results["seconds"] = round(time.perf_counter() - started, 1)
+    for suite in results["suites"]:
+        suite["machine"] = results["machine"]
+    previous = Path(a.out) / "latest.json"
+    if a.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        kept = [{"machine": old.get("machine"), **x} for x in old.get("suites", []) if x["name"] not in names]
+        results["suites"] = sorted(kept + results["suites"], key=lambda x: list(SUITES).index(x["name"]) if x["name"] in SUITES else 99)
     for path in write_results(results, a.out):
         print(f"wrote {path}")
     return 0

@@ -1,6 +1,6 @@
 """Train the built-in Fashion-MNIST residual CNN (zoo:fmnist-resnet) from Debian's dataset-fashion-mnist.
 
-    python benchmarks/train_fmnist.py [--epochs 3] [--out compress/weights/fmnist_resnet.safetensors]
+    python benchmarks/train_fmnist.py [--epochs 12] [--out compress/weights/fmnist_resnet.safetensors]
 
 Deterministic on CPU for a given seed; prints the test accuracy. The committed weights came from the defaults.
 """
@@ -18,7 +18,7 @@ from compress.models import fashion_resnet
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="compress/weights/fmnist_resnet.safetensors")

@@ -1,18 +1,102 @@
 """Atomic outputs: everything is written into a hidden temporary sibling and renamed into place.
 
 An existing output is never touched without ``force``; an interrupted or failed write leaves nothing behind.
+A process killed outright (SIGKILL, power loss) cannot clean up, so every temporary name carries its owner:
+``.OUT.pid1234-1a2b3c4d.x7k2.partial`` (pid, a hash of the host name, a random part). The next compress
+command writing in that folder removes the ones whose owner is no longer running on this host, and says so.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from .errors import CompressError
+
+# .NAME.pidPID-HOST.RANDOM.partial (work in progress) or .NAME.pidPID-HOST.RANDOM.old (an OUT being replaced)
+_OWNED = re.compile(r"^\.(?P<name>.+)\.pid(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[^.]*\.(?P<kind>partial|old)$")
+
+
+def _host() -> str:
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owner_tag() -> str:
+    return f"pid{os.getpid()}-{_host()}"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process here (a zombie, killed but not yet reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                                  # someone else's live process
+    with contextlib.suppress(OSError, IndexError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2] != "Z"
+    return True
+
+
+def clean_stale(folder: Path) -> list[Path]:
+    """Remove temporary outputs in ``folder`` left by compress processes that were killed; say so in one line each.
+
+    Only names this module makes are considered, only when their owner ran on this host and is gone. A killed
+    ``--force`` replacement (``.old``) whose OUT never reappeared is put back rather than deleted.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _OWNED.match(entry.name)
+        if not m or m["host"] != _host() or _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        try:
+            if m["kind"] == "old" and not target.exists():
+                os.rename(entry, target)
+                _say(f"restored {target} from an interrupted --force replacement (pid {m['pid']})")
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue                                 # another process cleaned it first
+        except OSError:
+            continue                                 # cannot remove it: leave it, it harms nothing
+        removed.append(entry)
+        _say(f"removed a stale partial output of {target.name} left by an interrupted run (pid {m['pid']}): {entry.name}")
+    return removed
+
+
+def _say(message: str) -> None:
+    from rich.markup import escape
+
+    from .ui import console
+
+    console().print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True)
+
+
+def partial_dir(out: Path) -> Path:
+    """Create the hidden work folder that will become ``out`` (after removing stale ones next to it)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_owner_tag()}.", suffix=".partial", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
 
 
 def check_destination(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Path:
@@ -35,7 +119,9 @@ def check_destination(out: Path, force: bool, protect: tuple[Path, ...] = ()) ->
     existing = parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
+    if not existing.is_dir():
+        raise CompressError(f"cannot create {out}: {existing} is a file, not a folder", "Choose an -o in a writable directory")
+    if not os.access(existing, os.W_OK):
         raise CompressError(f"cannot write to {parent}: permission denied", "Choose an -o in a writable directory")
     return out
 
@@ -44,9 +130,7 @@ def check_destination(out: Path, force: bool, protect: tuple[Path, ...] = ()) ->
 def atomic_dir(out: Path, force: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``out`` when the block succeeds, and vanishes when it fails."""
     out = check_destination(Path(out), force, protect)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    tmp = partial_dir(out)
     try:
         yield tmp
         commit_dir(tmp, out)
@@ -61,9 +145,13 @@ def atomic_dir(out: Path, force: bool = False, protect: tuple[Path, ...] = ()) -
 def commit_dir(tmp: Path, out: Path) -> None:
     """Move a finished temporary directory into place, replacing ``out`` only once ``tmp`` is complete."""
     if out.exists():
-        old = out.parent / f".{out.name}.{os.getpid()}.old"
-        os.rename(out, old)
-        os.rename(tmp, out)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_owner_tag()}.", suffix=".old", dir=out.parent))
+        os.rename(out, old)   # replaces the empty folder just made; a kill -9 before the next rename is undone by clean_stale
+        try:
+            os.rename(tmp, out)
+        except BaseException:  # Ctrl-C or SIGTERM between the two renames: put the old OUT back
+            os.rename(old, out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, out)
@@ -75,7 +163,8 @@ def write_file_atomic(path: Path, data: bytes | str, force: bool = True) -> Path
     if path.exists() and not force:
         raise CompressError(f"{path} already exists", "Pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    clean_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner_tag()}.", suffix=".partial", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
@@ -94,9 +183,47 @@ def write_file_atomic(path: Path, data: bytes | str, force: bool = True) -> Path
     return path
 
 
+_FULL = {errno.ENOSPC: ("no space left on the device", "Free some disk space or choose another -o"),
+         errno.EDQUOT: ("the disk quota is exceeded", "Free some of your quota or choose another -o"),
+         errno.EFBIG: ("a file reached the file size limit (ulimit -f)", "Raise the limit or choose another -o")}
+_FULL_TEXT = {"No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+              "os error 122": errno.EDQUOT, "File too large": errno.EFBIG, "os error 27": errno.EFBIG}
+
+
+def write_failure(exc: BaseException, where: Path) -> CompressError | None:
+    """A one-line error when ``exc``, raised while writing under ``where``, came from a full disk, or None.
+
+    Writers in C++ and Rust (torch.save, safetensors) do not raise OSError, so the exception chain's text is
+    read too, and an unexplained error counts as a full disk when less than 1 MiB is left where OUT goes.
+    """
+    code = None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and code is None:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            code = e.errno
+        else:
+            code = next((c for text, c in _FULL_TEXT.items() if text in str(e)), None)
+        e = e.__cause__ or e.__context__
+    if code is None and isinstance(exc, Exception) and not isinstance(exc, CompressError):
+        probe = Path(where)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        with contextlib.suppress(OSError):
+            st = os.statvfs(probe)
+            if st.f_bavail * st.f_frsize < 1 << 20:
+                code = errno.ENOSPC
+    if code is None:
+        return None
+    what, fix = _FULL[code]
+    return CompressError(f"{what} while writing {where}; nothing was written", fix)
+
+
 def _os_error(exc: OSError, where: Path) -> CompressError:
-    if exc.errno == errno.ENOSPC:
-        return CompressError(f"no space left on the device while writing {where}", "Free some disk space or choose another -o")
+    if exc.errno in _FULL:
+        what, fix = _FULL[exc.errno]
+        return CompressError(f"{what} while writing {where}", fix)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return CompressError(f"cannot write {where}: {exc.strerror}", "Choose an -o in a writable directory")
     return CompressError(f"could not write {where}: {exc.strerror or exc}", "Check the path and the disk")

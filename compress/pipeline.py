@@ -5,6 +5,7 @@ API calls the same function. :func:`check` reports every problem at once before 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -20,7 +21,7 @@ from . import registry
 from .artifact import Artifact, save, load_run_dir
 from .errors import CompressError
 from .manifest import MANIFEST, Manifest
-from .outputs import check_destination, commit_dir
+from .outputs import check_destination, commit_dir, partial_dir, write_failure
 from .registry import STAGES
 
 TOP_KEYS = ("model", "data", "stages", "bench", "seed", "device")
@@ -32,7 +33,10 @@ class ValidationError(CompressError):
     def __init__(self, problems: list[str], where: str):
         self.problems = problems
         n = len(problems)
-        super().__init__(f"{where} has {n} problem{'s' * (n != 1)}: " + "; ".join(problems), None)
+        these = "it" if n == 1 else "them"
+        fix = (f"Correct {these} in {where} ('compress validate {where}' checks a file without running it)"
+               if str(where).endswith((".yaml", ".yml")) else f"Correct {these} and run again")
+        super().__init__(f"{where} has {n} problem{'s' * (n != 1)}: " + "; ".join(problems), fix)
 
 
 # ---------------------------------------------------------------- reading and overriding
@@ -360,16 +364,14 @@ def _run(doc: dict, out: str | Path, *, force: bool, resume: bool, quiet: bool, 
     shapes = m.get("input_shape") or ()
     if not plan.stages and plan.bench is None:
         raise CompressError("the pipeline has no stages and no bench section, so there is nothing to do", "Add stages or a bench section")
+    _check_gpu(plan)
     protect = (Path(m["source"]),) if not str(m["source"]).startswith("zoo:") else ()
     check_destination(out, force or resume, protect)   # before the (possibly slow) load: fail fast
     with status(f"loading {m['source']}", quiet):
         source = sources.load(m["source"], m.get("arch"), m.get("arch_args"), [shapes] if isinstance(shapes, str) else shapes,
                               bool(m.get("static_shapes")), bool(m.get("trust_pickle")), m.get("example_input"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = partial_dir(out)   # also removes stale partial outputs of killed runs next to it
     single = len(plan.stages) == 1
     artifacts: list[tuple[str, Artifact]] = [("source", source)]
     current = source
@@ -413,14 +415,40 @@ def _run(doc: dict, out: str | Path, *, force: bool, resume: bool, quiet: bool, 
         result_artifacts = [(label, _relocate(a, tmp, out)) for label, a in artifacts]
         return RunResult(out, result_artifacts, report)
     except BaseException as exc:
+        full = write_failure(exc, out)   # before cleaning up, while the disk is still full
+        kept = False
         if done_any and not single:
-            _keep_completed(tmp, out, artifacts, exc)
-        else:
+            with contextlib.suppress(Exception):   # e.g. no room left for the manifest: then keep nothing
+                _keep_completed(tmp, out, artifacts, exc)
+                kept = True
+        if not kept:
             shutil.rmtree(tmp, ignore_errors=True)
-        if done_any and not single and isinstance(exc, CompressError):
-            raise CompressError(f"{exc.what}; the {len(artifacts) - 1} completed stage(s) are kept in {out}/stages",
+        error = full or exc
+        if kept and not isinstance(error, CompressError):   # Ctrl-C, SIGTERM, a bug: still say what was kept
+            console().print(escape(f"kept the {len(artifacts) - 1} completed stage(s) in {out}/stages; rerun the same "
+                                   "command with --resume to continue from them"), soft_wrap=True)
+        if kept and isinstance(error, CompressError):
+            raise CompressError(f"{error.what}; the {len(artifacts) - 1} completed stage(s) are kept in {out}/stages",
                                 "Fix the problem and rerun the same command with --resume to continue from them") from exc
+        if full is not None:
+            raise full from exc
         raise
+
+
+def _check_gpu(plan: Plan) -> None:
+    """Fail before any work when the pipeline asks for a GPU that is not there (instead of after the stages)."""
+    import torch
+
+    asked = ["device: cuda"] if plan.device == "cuda" else []
+    asked += [f"{sp.stage} device=cuda" for sp in plan.stages if getattr(sp.config, "device", None) == "cuda"]
+    if plan.bench is not None:
+        from .bench import BenchSettings
+
+        if "cuda" in BenchSettings.from_options(plan.bench, plan.data).devices:
+            asked.append("bench device cuda")
+    if asked and not torch.cuda.is_available():
+        raise CompressError(f"{', '.join(asked)} was asked for but no CUDA GPU is visible",
+                            "Run on a machine with an NVIDIA GPU, or ask for cpu")
 
 
 def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, tmp: Path, single: bool, plan: Plan, quiet: bool) -> Artifact:

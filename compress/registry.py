@@ -23,7 +23,8 @@ PENDING = {"prune": "pruning (issue #6)", "distill": "distillation (issue #7)", 
 # Modules that register methods when imported; a missing optional dependency only disables that module.
 METHOD_MODULES = ("compress.exporters.torchscript", "compress.exporters.onnx", "compress.exporters.pt2",
                   "compress.exporters.tensorrt", "compress.methods.pruning", "compress.methods.structured", "compress.methods.transformer",
-                  "compress.methods.quantize", "compress.methods.distill")
+                  "compress.methods.quantize", "compress.methods.distill", "compress.methods.fasterai",
+                  "compress.methods.qat")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ def coerce(value, hint) -> tuple[bool, Any, str]:
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
-            return False, None, f"cannot read {value!r}"
+            if origin not in (tuple, list):   # a list may be plain comma-separated text, e.g. globs like *.dense
+                return False, None, f"cannot read {value!r}"
     if hint is Any:
         return True, value, ""
     if hint is bool:

@@ -84,8 +84,8 @@ class TorchScriptRunner(TorchRunner):
     def __init__(self, artifact, device="cpu", threads=None):
         try:
             module = torch.jit.load(str(artifact.path), map_location=device)
-        except RuntimeError as exc:
-            raise CompressError(f"{artifact.path} could not be loaded as TorchScript ({str(exc).splitlines()[0]})", "Recreate it with compress export --target torchscript") from None
+        except Exception as exc:  # noqa: BLE001 - a corrupt archive raises RuntimeError, UnicodeDecodeError, ...
+            raise CompressError(f"{artifact.path} could not be loaded as TorchScript ({(str(exc).splitlines() or [type(exc).__name__])[0][:200]})", "Recreate it with compress export --target torchscript") from None
         super().__init__(artifact, device, threads, module)
 
 

@@ -98,8 +98,10 @@ def _axis_name(axis: int) -> str:
 
 
 def export_file(model: torch.nn.Module, specs: list[InputSpec], path: Path, *, opset: int | None = None, exporter: str = "auto",
-                external_data: str = "auto", optimize: str | None = None, fp16: bool = False, arch: dict | None = None) -> dict:
-    """Write ``model`` to ``path`` as ONNX (checked); returns what ran: exporter, why a fallback, opset, fusions."""
+                external_data: str = "auto", optimize: str | None = None, fp16: bool = False, arch: dict | None = None,
+                fuse_embeddings: bool = True) -> dict:
+    """Write ``model`` to ``path`` as ONNX (checked); returns what ran: exporter, why a fallback, opset, fusions.
+    ``fuse_embeddings=False`` keeps the embedding lookups as plain Gathers (so int4 quantization can reach them)."""
     import onnx
 
     model = model.eval()
@@ -137,7 +139,7 @@ def export_file(model: torch.nn.Module, specs: list[InputSpec], path: Path, *, o
             info["exporter_reason"] = f"optimize: onnxruntime's BERT fusion needs the TorchScript-based exporter's graph (opset <= {FUSION_OPSET})"
         proto = onnx.load(str(raw))
         if optimize:
-            proto, info["fused_operators"] = _optimize(raw, optimize, arch)
+            proto, info["fused_operators"] = _optimize(raw, optimize, arch, fuse_embeddings)
         if fp16:
             from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -201,19 +203,22 @@ def _quiet():
         yield
 
 
-def _optimize(raw: Path, model_type: str, arch: dict | None):
+def _optimize(raw: Path, model_type: str, arch: dict | None, fuse_embeddings: bool = True):
     import json
 
     import onnx
 
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     from compress.arch import resolve_hf_path
 
     cfg = json.loads((resolve_hf_path(arch["spec"][3:]) / "config.json").read_text())
+    options = FusionOptions(model_type)
+    options.enable_embed_layer_norm = fuse_embeddings
     with _quiet():
         opt = optimize_model(str(raw), model_type=model_type, num_heads=int(cfg.get("num_attention_heads", 0)),
-                             hidden_size=int(cfg.get("hidden_size", 0)), opt_level=0)
+                             hidden_size=int(cfg.get("hidden_size", 0)), opt_level=0, optimization_options=options)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     proto = opt.model
     domains = {n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")}

@@ -213,3 +213,13 @@ def test_python_dash_m_validate(tmp_path, tiny_state):
     proc = subprocess.run([*python_cmd(), "validate", str(path)], capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert proc.returncode == 1
     assert "unknown stage 'prne' (did you mean 'prune'?)" in proc.stderr
+
+
+def test_an_error_echoing_a_newline_stays_one_line(cli, tmp_path):
+    """User input echoed in a message (a path, a --set item) is shown escaped, so the error is still one line."""
+    r = cli("validate", tmp_path / "two\nlines.yaml")
+    assert r.rc == 1 and len(r.err_lines) == 1 and "two\\nlines.yaml does not exist" in r.err
+    path = tmp_path / "p.yaml"
+    path.write_text("model: {source: m.pt}\nstages: []\n")
+    r = cli("validate", path, "--set=no\nequals\tsign")
+    assert r.rc == 1 and len(r.err_lines) == 1 and "--set 'no\\nequals\\tsign' is not KEY=VALUE" in r.err

@@ -19,18 +19,8 @@ from compress.pipeline import run
 from compress.runners import load_runner
 
 from .conftest import ROOT, VENV_BIN, subprocess_env
-from .trained import DigitsCNN, trained_digits_cnn
+from .trained import DIGITS, DigitsCNN, one_thread, trained_digits_cnn  # noqa: F401 (one_thread: autouse fixture)
 
-DIGITS = {"arch": "tests.trained:digits_cnn", "input_shape": ["1x1x8x8"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and the machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(autouse=True)
@@ -293,7 +283,6 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, teacher, tmp_path
           "--data", "digits", "-o", tmp_path / "o"], "the teacher's output has shape (5,) per sample but the student's has (10,)"),
         (["--teacher", teacher, "--data", "digits", "--student-layers", "2", "-o", tmp_path / "o"], "the SOURCE is not one"),
         (["--teacher", tmp_path / "five.pt", "--data", "digits", "-o", tmp_path / "o"], "Give -s teacher_arch=SPEC"),
-        (["--teacher", teacher, "--data", "digits", "-s", "backend=fasterai", "-o", tmp_path / "o"], "pip install 'compress[fasterai]'"),
         (["--teacher", teacher, "--data", "digits", "-s", "feature_weight=1", "-s", "feature_layers=features.9=nope", "-o", tmp_path / "o"],
          "feature layer 'nope' is not a module"),
     ]

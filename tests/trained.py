@@ -3,8 +3,20 @@ from __future__ import annotations
 
 import functools
 
+import pytest
 import torch
 from torch import nn
+
+DIGITS = {"arch": "tests.trained:digits_cnn", "input_shape": ["1x1x8x8"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models train fastest on one thread (and the machine is shared). Import it into a test module to use it."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 class DigitsCNN(nn.Module):

@@ -35,6 +35,7 @@ from torch import nn
 from ..artifact import Artifact, rebuilder
 from ..errors import CompressError, require
 from ..registry import option, register
+from .fasterai import DISTILL_BACKENDS
 
 CHECKPOINT_VERSION = 1
 
@@ -72,7 +73,8 @@ class KDConfig:
     max_length: int = option(128, "token cap for text data", range=(1, None))
     seed: int | None = option(None, "random seed (default: the pipeline's seed)")
     resume: bool = option(False, "continue an interrupted run from its checkpoint")
-    backend: str = option("torch", "soft-target loss implementation: torch, or fasterai (optional package)", choices=("torch", "fasterai"))
+    backend: str = option("torch", "soft-target loss: torch, or fasterai's (optional extra): fasterai (SoftTarget), "
+                          "fasterai:Logits, fasterai:Mutual, fasterai:DecoupledKD (needs labels)", choices=DISTILL_BACKENDS)
 
 
 # ---------------------------------------------------------------- transformers: shallower students
@@ -208,12 +210,13 @@ def _default_points(model: nn.Module) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- losses
-def _soft_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float, backend: str) -> torch.Tensor:
+def _soft_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float, backend: str, labels=None) -> torch.Tensor:
     s, t = s.float(), t.float()
     if kind == "kl":
-        if backend == "fasterai":
-            losses = require("fasterai.distill.losses", "fasterai", "the fasterai distillation backend")
-            return losses.SoftTarget(s, t, temperature)
+        if backend != "torch":
+            from .fasterai import distill_loss
+
+            return distill_loss(backend, s, t, temperature, labels)
         return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
                         reduction="batchmean") * temperature ** 2
     if kind == "cosine":
@@ -247,7 +250,7 @@ class _Setup:
           summary="knowledge distillation with soft targets, labels, features and attention; resumable, torchrun-ready")
 def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
     """Knowledge distillation: train the student (SOURCE) to match a teacher on real data."""
-    if config.backend == "fasterai":
+    if config.backend != "torch":
         require("fasterai.distill", "fasterai", "the fasterai distillation backend")
     seed = ctx.seed if config.seed is None else config.seed
     device = _device(config.device)
@@ -297,6 +300,10 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
             raise CompressError(f"the teacher's output has shape {tuple(t_out.shape[1:])} per sample but the student's has {tuple(s_out.shape[1:])}",
                                 "Distillation matches outputs: give a student with the same number of classes (or embedding size)")
         kind = _output_kind(config, teacher, student, s_out)
+        if config.backend != "torch":
+            from .fasterai import check_distill
+
+            check_distill(config.backend, kind, bundle.labelled)
         classifier = not _embedding(teacher, student) and s_out.dim() == 2 and s_out.shape[1] > 1 \
             and (bundle.num_classes is None or s_out.shape[1] == bundle.num_classes)
         alpha = config.alpha if config.alpha is not None else (0.5 if bundle.labelled and classifier else 0.0)
@@ -626,7 +633,7 @@ def _step(trained, teacher, t_taps, opt, sched, scaler, config, setup: _Setup, p
         if alpha > 0:
             parts["hard"] = (alpha, F.cross_entropy(s_out.float(), labels))
         if alpha < 1:
-            parts["soft"] = (1 - alpha, _soft_loss(plan["kind"], s_out, t_out, config.temperature, config.backend))
+            parts["soft"] = (1 - alpha, _soft_loss(plan["kind"], s_out, t_out, config.temperature, config.backend, labels))
         if config.feature_weight > 0:
             parts["feature"] = (config.feature_weight,
                                 torch.stack([F.mse_loss(s.float(), _width_last(t).float()) for s, t in zip(s_feats, t_feats)]).mean())

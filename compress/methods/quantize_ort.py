@@ -18,7 +18,7 @@ from ..errors import CompressError, require
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
-def fp32_onnx(artifact: Artifact, scratch: Path, optimize_bert: bool = False) -> tuple[Path, list]:
+def fp32_onnx(artifact: Artifact, scratch: Path, optimize_bert: bool = False, fuse_embeddings: bool = True) -> tuple[Path, list]:
     """The artifact as an fp32 ONNX file (exported here when it is a torch model)."""
     if artifact.format == "onnx":
         return Path(artifact.path), artifact.input_spec
@@ -29,7 +29,8 @@ def fp32_onnx(artifact: Artifact, scratch: Path, optimize_bert: bool = False) ->
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "fp32.onnx"
     bert = _bert_type(artifact) if optimize_bert else None
-    export_file(artifact.model, artifact.input_spec, path, exporter="legacy-first" if bert else "auto", optimize=bert, arch=artifact.arch)
+    export_file(artifact.model, artifact.input_spec, path, exporter="legacy-first" if bert else "auto", optimize=bert, arch=artifact.arch,
+                fuse_embeddings=fuse_embeddings)
     return path, artifact.input_spec
 
 
@@ -118,32 +119,70 @@ def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_c
     return info
 
 
-def quantize_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool, exclude: tuple[str, ...] = ()) -> dict:
+def quantize_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool, exclude: tuple[str, ...] = (),
+                     embedding_bits: int = 8) -> dict:
     ortq = require("onnxruntime.quantization", None, "onnxruntime quantization")
     import onnx
 
     src, dst = Path(src).resolve(), Path(dst).resolve()
     pre = dst.parent / "_pre.onnx"
     info = {"preprocess": preprocess(src, pre)}
+    ops = ["MatMul", "Gemm", "Attention", "EmbedLayerNormalization"] + (["Gather"] if embedding_bits == 8 else [])
     try:
         # Fused transformer graphs sometimes defeat the pre-processed shape inference: then quantize the graph as exported.
         for i, graph in enumerate((pre, src)):
             try:
+                if embedding_bits == 4:   # int4 tables first (on a copy: src may be the user's file), then int8 for the rest
+                    g4 = dst.parent / "_pre.int4.onnx"
+                    shutil.copy(graph, g4)
+                    info["embeddings"] = int4_embeddings(g4, exclude)
+                    graph = g4
                 with _quiet(dst.parent):
-                    ortq.quantize_dynamic(str(graph), str(dst), op_types_to_quantize=["MatMul", "Gemm", "Attention", "EmbedLayerNormalization", "Gather"], per_channel=per_channel,
+                    ortq.quantize_dynamic(str(graph), str(dst), op_types_to_quantize=ops, per_channel=per_channel,
                                           reduce_range=reduce_range, weight_type=ortq.QuantType.QInt8, nodes_to_exclude=list(exclude) or None,
                                           extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
                 if i:
                     info["preprocess"] = "none (the pre-processed graph could not be quantized)"
                 break
+            except CompressError:
+                raise
             except Exception as exc:  # noqa: BLE001
                 if i:
                     raise CompressError(f"onnxruntime dynamic quantization failed: {str(exc).splitlines()[0][:200]}", "Try --backend torch") from None
     finally:
-        for f in dst.parent.glob("_pre.onnx*"):
+        for f in dst.parent.glob("_pre.*onnx*"):
             f.unlink()
     info.update({"format": "QOperator (dynamic)", "weights": "int8"})
     return info
+
+
+INT4_BLOCK = 64
+
+
+def int4_embeddings(path: Path, exclude: tuple[str, ...] = ()) -> str:
+    """Rewrite ``path`` in place with its embedding tables (Gathers of a 2-D float initializer) block-quantized to int4
+    (onnxruntime's GatherBlockQuantized, symmetric, one scale per 64 values of a row): half the size of int8 tables.
+    Returns a description, or raises CompressError when the graph has no such Gather."""
+    import onnx
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+    from onnxruntime.quantization.quant_utils import QuantFormat
+
+    model = onnx.load(str(path))
+    tables = {i.name: i for i in model.graph.initializer if len(i.dims) == 2 and i.data_type == onnx.TensorProto.FLOAT}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables and n.name not in exclude]
+    if not gathers:
+        raise CompressError("embedding_bits=4 found no embedding table (a Gather over a 2-D float weight) in this model",
+                            "Use embedding_bits=8, or quantize a model with embeddings (a transformer)")
+    axes = (("Gather", 1),)
+    config = nbits.DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, quant_format=QuantFormat.QOperator,
+                                                op_types_to_quantize=("Gather",), quant_axes=axes)
+    quantizer = nbits.MatMulNBitsQuantizer(model, block_size=INT4_BLOCK, is_symmetric=True, algo_config=config,
+                                           op_types_to_quantize=("Gather",), quant_axes=axes, nodes_to_exclude=list(exclude))
+    logging.getLogger().setLevel(logging.ERROR)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    rows = sum(tables[n.input[0]].dims[0] for n in gathers)
+    return f"int4 (block {INT4_BLOCK}) for {len(gathers)} tables, {rows} rows"
 
 
 def first_and_last(path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]:

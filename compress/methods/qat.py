@@ -1,0 +1,104 @@
+"""Quantization-aware fine-tuning ("qat"): for when static int8 after training (PTQ) loses too much accuracy.
+
+The maintained PyTorch path: torchao's PT2E QAT. The model is captured with torch.export, annotated by the x86
+Inductor quantizer in QAT mode (fake-quantized per-channel int8 weights and uint8 per-tensor activations, with
+Conv+BatchNorm fused for training), fine-tuned for a few epochs on the labelled training split, converted to int8,
+and compiled by AOTInductor into the same ``model.pt2`` package as ``quantize --method static --backend torch``.
+Why this path and not fake-quant + onnxruntime: the result is the very artifact torch static PTQ makes (same
+runner, same speed), and the int8 numbers the training saw are the ones the package computes.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..artifact import Artifact
+from ..errors import CompressError, require
+from ..registry import option, register
+from .quantize import check, pt2e_capture, pt2e_example, pt2e_package
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    epochs: int = option(3, "passes over the (limited) training split", range=(1, 1000))
+    lr: float = option(1e-4, "learning rate (Adam); fine-tuning wants a small one", range=(0.0, 1.0))
+    batch_size: int = option(32, "samples per step", range=(2, 4096))
+    limit: int | None = option(None, "train on the first N training samples only", range=(2, None))
+    reduce_range: bool = option(False, "7-bit activations (CPUs without VNNI)")
+    seed: int | None = option(None, "shuffling seed (default: the pipeline's seed)")
+    max_accuracy_drop: float | None = option(None, "fail when accuracy drops more than this", range=(0.0, 1.0))
+    require_speedup: bool = option(False, "fail when the result is not faster than its input (batch 1, 1 thread)")
+    check_speed: bool = option(True, "time input and result briefly and warn when it is not faster")
+
+
+@register("quantize", "qat", QATConfig, accepts=("torch",), produces="pt2", needs_data=True, requires=(("torchao", "ao"),),
+          summary="quantization-aware fine-tuning on labelled --data (torchao PT2E QAT, x86 int8) → AOTInductor .pt2")
+def qat(artifact: Artifact, config: QATConfig, ctx) -> Artifact:
+    from ..data import batches, tokenizer_for
+    from ..ui import progress
+
+    pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "ao", "quantization-aware training (PT2E)")
+    xiq = require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "ao", "quantization-aware training (PT2E)")
+    ao = require("torchao.quantization.pt2e", "ao", "quantization-aware training (PT2E)")
+    if artifact.format != "torch":
+        raise CompressError(f"qat fine-tunes a torch model, not {artifact.format}", "Run qat on the float torch model, before export")
+    bundle = ctx.data()
+    train = bundle.train if bundle.train is not None and len(bundle.train) else None
+    if not bundle.labelled or train is None:
+        raise CompressError(f"qat trains on labels, and data '{bundle.name}' has " + ("no labels" if not bundle.labelled else "no training split"),
+                            "Give labelled data (e.g. --data digits), or use --method static, which only calibrates")
+    n = min(config.limit or len(train), len(train))
+    tokenizer = tokenizer_for(artifact)
+    pad = artifact.input_spec[0].shape[1] if tokenizer is not None else None   # one static sequence length for export
+    seed = ctx.seed if config.seed is None else config.seed
+
+    def epoch_batches(epoch: int):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        shuffled = torch.utils.data.Subset(train, order)
+        for inputs, labels in batches(shuffled, artifact.input_spec, config.batch_size, n, tokenizer, pad_to=pad):
+            if len(labels) > 1:          # BatchNorm cannot train on one sample
+                yield inputs, labels
+
+    first, _ = next(epoch_batches(0))
+    example, dynamic = pt2e_example(artifact, first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = pt2e_capture(artifact, copy.deepcopy(artifact.model).train(), example, dynamic, "QAT")
+        quantizer = xiq.X86InductorQuantizer()
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=config.reduce_range))
+        prepared = pt2e.prepare_qat_pt2e(graph, quantizer)
+        opt = torch.optim.Adam(prepared.parameters(), lr=config.lr)
+        steps = (n // config.batch_size + (1 if n % config.batch_size > 1 else 0)) * config.epochs
+        log = []
+        with progress(ctx.quiet) as bar:
+            task = bar.add_task("qat", total=steps, info="")
+            for epoch in range(config.epochs):
+                ao.move_exported_model_to_train(prepared)
+                prepared.apply(ao.enable_observer)
+                total = count = 0
+                for inputs, labels in epoch_batches(epoch):
+                    out = prepared(*inputs)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    if out.dim() != 2 or (bundle.num_classes and out.shape[1] != bundle.num_classes):
+                        raise CompressError(f"qat needs a classifier: the model's output has shape {tuple(out.shape)}, not [batch, "
+                                            f"{bundle.num_classes or 'classes'}]", "Use --method static for models without class logits")
+                    loss = F.cross_entropy(out, labels)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total, count = total + float(loss) * len(labels), count + len(labels)
+                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {total / count:.4f}")
+                log.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 5)})
+        # Observers freeze before conversion: evaluation data must not move the activation ranges.
+        ao.move_exported_model_to_eval(prepared)
+        prepared.apply(ao.disable_observer)
+        converted = pt2e.convert_pt2e(prepared)
+        ao.move_exported_model_to_eval(converted)
+    ctx.metrics.update({"flow": "torchao PT2E QAT + X86InductorQuantizer + AOTInductor", "training_samples": n,
+                        "epochs": config.epochs, "log": log})
+    out = pt2e_package(artifact, converted, example, dynamic, ctx, "static int8 (PT2E QAT)")
+    return check(artifact, out, config, ctx, retry=None)
