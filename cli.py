@@ -376,7 +376,7 @@ def ls_cmd(stage):
     for st in ([stage] if stage else registry.STAGES):
         ms = registry.methods(st)
         if not ms:
-            t.add_row(st, "-", "", "", "", escape(f"not available yet ({registry.PENDING[st]})"))
+            t.add_row(st, "-", "", "", "", "no method could be loaded")
         for m in ms:
             missing = m.missing()
             inst = "yes" if not missing else "no: pip install " + " ".join(f"'compress[{e}]'" if e else mod for mod, e in missing)

@@ -224,7 +224,7 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
     where = f"{where}.{stage}"
     available = registry.methods(stage)
     if not available:
-        problems.append(f"{where}: no {stage} method is available yet in this version ({registry.PENDING[stage]} has not landed)")
+        problems.append(f"{where}: no {stage} method could be loaded (a broken install? 'compress ls' shows what is missing)")
         return None, fmt
     name = options.pop("target" if stage == "export" else "method", None) or options.pop("method", None)
     if name is None:

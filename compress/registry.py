@@ -17,9 +17,6 @@ import yaml
 from .errors import is_installed
 
 STAGES = ("prune", "distill", "quantize", "export")
-# Issue that brings each stage, named when a stage has no method yet.
-PENDING = {"prune": "pruning (issue #6)", "distill": "distillation (issue #7)", "quantize": "quantization (issue #5)",
-           "export": "export (issue #3)"}
 # Modules that register methods when imported; a missing optional dependency only disables that module.
 METHOD_MODULES = ("compress.exporters.torchscript", "compress.exporters.onnx", "compress.exporters.pt2",
                   "compress.exporters.tensorrt", "compress.methods.pruning", "compress.methods.structured", "compress.methods.transformer",

@@ -97,6 +97,23 @@ def test_measure_rows_and_writers(tmp_path):
     assert (tmp_path / "latency_vs_accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_phase_can_measure_quality_in_its_own_configuration():
+    """Batch-1 rows carry the batch-1 evaluation, large-batch rows the batched one; the variant keeps the first."""
+    lin = torch.nn.Linear(8, 4).eval()
+    v = Variant("tiny linear", "torch", load=lambda t: TorchRunner(lin))
+    phases = [Phase(1, 1, [(torch.randn(1, 8),)], rounds=1, runs=2, warmup=1, evaluate=lambda r: {"accuracy": 0.7}),
+              Phase(4, 1, [(torch.randn(4, 8),)], rounds=1, runs=2, warmup=1, evaluate=True)]
+    measure([v], phases, evaluate=lambda r: {"accuracy": 0.6}, log=None)
+    rows = rows_for([v], phases)
+    assert [(r["batch_size"], r["accuracy"]) for r in rows] == [(1, 0.7), (4, 0.6)]
+    assert v.quality == {"accuracy": 0.7}
+
+
+def test_the_onnxruntime_call_floor_is_measured():
+    floor = harness.ort_call_floor_ms((1, 1, 28, 28), calls=200)
+    assert 0 < floor < 5.0
+
+
 def _row(variant, tool, p50, acc):
     return {"variant": variant, "tool": tool, "batch_size": 1, "p50_ms": p50, "accuracy": acc}
 
