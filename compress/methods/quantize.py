@@ -28,13 +28,13 @@ from ..errors import CompressError
 from ..registry import option, register
 from . import quantize_ort as ort_q
 
-DYNAMIC_LAYERS = {"Linear": nn.Linear, "LSTM": nn.LSTM, "GRU": nn.GRU}
+DYNAMIC_LAYERS = {"Linear": nn.Linear, "LSTM": nn.LSTM, "GRU": nn.GRU, "Embedding": nn.Embedding}
 
 
 @dataclass(frozen=True)
 class DynamicConfig:
     backend: str = option("torch", "torch (eager int8 Linear/LSTM/GRU) or onnxruntime (int8 MatMul/Gemm)", choices=("torch", "onnxruntime"))
-    layers: tuple[str, ...] = option(("Linear", "LSTM", "GRU"), "torch: layer types to quantize")
+    layers: tuple[str, ...] = option(("Linear", "LSTM", "GRU"), "torch: layer types to quantize (add Embedding for int8 lookup tables, weight-only)")
     per_channel: bool = option(True, "per-output-channel weight scales")
     reduce_range: bool = option(False, "7-bit ranges for CPUs without VNNI, whose int16 accumulators overflow "
                                 "(torch: activations, onnxruntime: weights)")
@@ -82,6 +82,13 @@ class FullRangeDynamicLinear(qd.Linear):
         return super().forward(x)
 
 
+class ContiguousQuantEmbedding(torch.ao.nn.quantized.Embedding):
+    """torch's int8 weight-only Embedding, taking any index tensor (transformers pass sliced, non-contiguous position ids)."""
+
+    def forward(self, indices):
+        return super().forward(indices.contiguous())
+
+
 def dynamic_layer_names(model: nn.Module, layers) -> list[str]:
     """Names of the modules ``quantize_dynamic`` would replace (layer types from DYNAMIC_LAYERS)."""
     unknown = [l for l in layers if l not in DYNAMIC_LAYERS]
@@ -102,7 +109,8 @@ def match_layers(names: list[str], patterns) -> list[str]:
 
 def quantize_dynamic(model: nn.Module, layers, per_channel: bool, dtype: str, exclude=(), reduce_range: bool = False) -> nn.Module:
     """torch dynamic quantization of ``layers`` types, keeping the modules named in ``exclude`` (exact names) in float."""
-    from torch.ao.quantization import default_dynamic_qconfig, float16_dynamic_qconfig, per_channel_dynamic_qconfig
+    from torch.ao.quantization import (default_dynamic_qconfig, float16_dynamic_qconfig, float_qparams_weight_only_qconfig,
+                                       per_channel_dynamic_qconfig)
     from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
     dynamic_layer_names(model, layers)  # checks the layer type names
@@ -110,6 +118,8 @@ def quantize_dynamic(model: nn.Module, layers, per_channel: bool, dtype: str, ex
         spec = {DYNAMIC_LAYERS[l]: float16_dynamic_qconfig for l in layers}
     else:
         spec = {DYNAMIC_LAYERS[l]: (per_channel_dynamic_qconfig if per_channel and l == "Linear" else default_dynamic_qconfig) for l in layers}
+    if "Embedding" in layers:   # weight-only int8 lookup tables (one scale per row); not for float16
+        spec[nn.Embedding] = float_qparams_weight_only_qconfig if dtype != "float16" else None
     spec.update({name: None for name in exclude})
     mapping = get_default_dynamic_quant_module_mappings()
     if not reduce_range:
@@ -118,7 +128,11 @@ def quantize_dynamic(model: nn.Module, layers, per_channel: bool, dtype: str, ex
         warnings.simplefilter("ignore")
         if "x86" in torch.backends.quantized.supported_engines:
             torch.backends.quantized.engine = "x86"
-        return torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.float16 if dtype == "float16" else torch.qint8, mapping=mapping)
+        q = torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.float16 if dtype == "float16" else torch.qint8, mapping=mapping)
+    for m in q.modules():
+        if type(m) is torch.ao.nn.quantized.Embedding:   # its from_float ignores subclasses in the mapping
+            m.__class__ = ContiguousQuantEmbedding
+    return q
 
 
 @rebuilder("quantize_dynamic")
