@@ -78,23 +78,29 @@ def _describe(art) -> str:
     return "compress: " + " → ".join(parts)
 
 
-def compress_candidates(doc: dict, out: Path, s: Settings) -> tuple[list[Variant], object, float]:
-    """Run the pipeline; every artifact it wrote is a candidate. Its compression time is the sum of its stages' seconds."""
+def compress_candidates(doc: dict, out: Path, s: Settings, notes: list[str], ran: Callable[[list[Variant], float], str]) -> list[Variant]:
+    """Run the pipeline; every artifact it wrote is a candidate. Its compression time is the sum of its stages' seconds.
+    ``ran(candidates, wall_seconds)`` is the note for a run that worked; a failed run is one failed row and a note."""
     from compress import pipeline
     from compress.runners import load_runner
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    result = pipeline.run(doc, out, force=True, quiet=True)
-    wall = time.perf_counter() - t0
-    variants = []
-    for label, art in result.artifacts[1:]:
-        seconds = sum(float(st.get("seconds") or 0) for st in art.stages)
-        variants.append(Variant(_describe(art), "compress", load=lambda threads, a=art: load_runner(a, "cpu", threads),
-                                size_bytes=file_bytes(art.path) if art.path else None, build_s=seconds,
-                                info={"label": label, "format": art.format, "path": str(art.path),
-                                      "stages": [{k: st.get(k) for k in ("stage", "method", "config", "seconds", "metrics")} for st in art.stages]}))
-    return variants, result, wall
+    try:
+        result = pipeline.run(doc, out, force=True, quiet=True)
+        wall = time.perf_counter() - t0
+        variants = []
+        for label, art in result.artifacts[1:]:
+            seconds = sum(float(st.get("seconds") or 0) for st in art.stages)
+            variants.append(Variant(_describe(art), "compress", load=lambda threads, a=art: load_runner(a, "cpu", threads),
+                                    size_bytes=file_bytes(art.path) if art.path else None, build_s=seconds,
+                                    info={"label": label, "format": art.format, "path": str(art.path),
+                                          "stages": [{k: st.get(k) for k in ("stage", "method", "config", "seconds", "metrics")} for st in art.stages]}))
+    except Exception as exc:  # noqa: BLE001 - the peers are still measured; the results say why compress is missing
+        notes.append(f"the compress pipeline failed: {short_error(exc)}")
+        return [failed("compress pipeline", "compress", exc)]
+    notes.append(ran(variants, wall))
+    return variants
 
 
 def select(variants: list[Variant], rows: list[dict], metric: str, bar: float) -> dict | None:
@@ -266,12 +272,8 @@ def text_suite(s: Settings) -> dict:
     notes.append("pruning was not used for text: compress's structured pruning targets convolution channels, and a shallower "
                  "distilled student is the transformer equivalent")
     doc = {"model": {"source": str(teacher_file), "arch": f"hf:{path}", "arch_args": args}, "data": "rotten-tomatoes", "stages": stages}
-    try:
-        mine, _, wall = compress_candidates(doc, s.work / "text-compress", s)
-        notes.append(f"compress pipeline ({' → '.join(next(iter(st)) for st in stages)}) ran in {wall:.1f}s")
-    except Exception as exc:  # noqa: BLE001
-        mine = [failed("compress pipeline", "compress", exc)]
-        notes.append(f"the compress pipeline failed: {short_error(exc)}")
+    mine = compress_candidates(doc, s.work / "text-compress", s, notes,
+                               lambda _, wall: f"compress pipeline ({' → '.join(next(iter(st)) for st in stages)}) ran in {wall:.1f}s")
 
     s.log("text: peers")
     cfg = json.loads((path / "config.json").read_text())
@@ -339,13 +341,9 @@ def vision_suite(s: Settings) -> dict:
         stages.append({"quantize": {"method": "static", "backend": "torch", "branch": True}})
     stages.append({"export": {"target": "onnx"}})
     doc = {"model": {"source": "zoo:mobilenet_v2"}, "data": "photos", "stages": stages}
-    try:
-        mine, _, wall = compress_candidates(doc, s.work / "vision-compress", s)
-        notes.append(f"compress pipeline ran in {wall:.1f}s; candidates: {', '.join(v.name for v in mine)}"
-                     + ("" if not s.quick else " (the torch PT2E + AOTInductor int8 candidate is built only in the full run)"))
-    except Exception as exc:  # noqa: BLE001
-        mine = [failed("compress pipeline", "compress", exc)]
-        notes.append(f"the compress pipeline failed: {short_error(exc)}")
+    mine = compress_candidates(doc, s.work / "vision-compress", s, notes,
+                               lambda mine, wall: f"compress pipeline ran in {wall:.1f}s; candidates: {', '.join(v.name for v in mine)}"
+                               + ("" if not s.quick else " (the torch PT2E + AOTInductor int8 candidate is built only in the full run)"))
     s.log("vision: peers")
     theirs = peers.cnn_peers(teacher, b1[0], calib, s.work / "vision-peers", s.log)
     variants = theirs + mine
@@ -435,13 +433,9 @@ def fmnist_suite(s: Settings) -> dict:
         stages += [{"prune": {"method": "structured", "amount": 0.3}}, {"quantize": {"method": "static", "backend": "onnxruntime"}}]
         notes.append("without distillation the pruned model is not retrained, so pruning is milder (30% of channels)")
     doc = {"model": model_doc, "data": "fashion-mnist", "stages": stages}
-    try:
-        mine, _, wall = compress_candidates(doc, s.work / "fmnist-compress", s)
-        notes.append(f"compress pipeline ({' → '.join(next(iter(st)) + (' [branch]' if next(iter(st.values())).get('branch') else '') for st in stages)}) "
-                     f"ran in {wall:.1f}s; every stage's artifact is a candidate")
-    except Exception as exc:  # noqa: BLE001
-        mine = [failed("compress pipeline", "compress", exc)]
-        notes.append(f"the compress pipeline failed: {short_error(exc)}")
+    mine = compress_candidates(doc, s.work / "fmnist-compress", s, notes,
+                               lambda _, wall: f"compress pipeline ({' → '.join(next(iter(st)) + (' [branch]' if next(iter(st.values())).get('branch') else '') for st in stages)}) "
+                                               f"ran in {wall:.1f}s; every stage's artifact is a candidate")
     s.log("fmnist: peers")
     theirs = peers.cnn_peers(teacher, b1[0], calib, s.work / "fmnist-peers", s.log)
     variants = theirs + mine

@@ -8,6 +8,18 @@ from .data import DataBundle, batches, tokenizer_for
 from .errors import CompressError
 
 
+def run_with_hooks(model: torch.nn.Module, hooks: list, inputs) -> None:
+    """Run ``model`` without gradients on every input tuple in ``inputs`` (for what its forward hooks record), then
+    remove the hook ``handles``, also when it fails."""
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                model(*x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def _outputs(runner, bundle: DataBundle, limit: int | None, batch_size: int, tokenizer):
     for inputs, labels in batches(bundle.eval, runner.artifact.input_spec, batch_size, limit, tokenizer):
         yield runner(*inputs)[0], labels

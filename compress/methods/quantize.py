@@ -25,6 +25,7 @@ from torch.ao.nn.quantized import dynamic as qd
 
 from ..artifact import Artifact, rebuilder
 from ..errors import CompressError
+from ..evaluate import run_with_hooks
 from ..registry import option, register
 from . import quantize_ort as ort_q
 
@@ -377,12 +378,7 @@ def layer_mix(artifact: Artifact) -> dict:
             hooks.append(m.register_forward_hook(hook("conv")))
         elif isinstance(m, (nn.Linear, nn.LSTM, nn.GRU)):
             hooks.append(m.register_forward_hook(hook("linear")))
-    try:
-        with torch.no_grad():
-            model(*[s.example(1) for s in artifact.input_spec])
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, hooks, [[s.example(1) for s in artifact.input_spec]])
     total = max(1, macs["conv"] + macs["linear"])
     return {"conv_share": macs["conv"] / total, "linear_share": macs["linear"] / total}
 

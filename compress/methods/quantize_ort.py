@@ -178,8 +178,8 @@ def int4_embeddings(path: Path, exclude: tuple[str, ...] = ()) -> str:
                                                 op_types_to_quantize=("Gather",), quant_axes=axes)
     quantizer = nbits.MatMulNBitsQuantizer(model, block_size=INT4_BLOCK, is_symmetric=True, algo_config=config,
                                            op_types_to_quantize=("Gather",), quant_axes=axes, nodes_to_exclude=list(exclude))
-    logging.getLogger().setLevel(logging.ERROR)
-    quantizer.process()
+    with _quiet(path.parent):
+        quantizer.process()
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
     rows = sum(tables[n.input[0]].dims[0] for n in gathers)
     return f"int4 (block {INT4_BLOCK}) for {len(gathers)} tables, {rows} rows"

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..arch import HFModel
 from ..errors import CompressError
+from ..evaluate import run_with_hooks
 from ..registry import option, register
 from . import shapes
 
@@ -76,13 +77,7 @@ def activation_scores(model, layers, batches) -> list[torch.Tensor]:
             per_head = torch.einsum("btkd,okd->btko", ctx.view(*ctx.shape[:2], h, d), w)
             scores[i] += per_head.norm(dim=-1).mean(dim=(0, 1))
         hooks.append(out.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for inputs in batches:
-                model(*inputs)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    run_with_hooks(model, hooks, batches)
     return scores
 
 
@@ -108,13 +103,7 @@ def mlp_activation_scores(model, layers, batches) -> list[torch.Tensor]:
     sums = [torch.zeros(l.output.dense.in_features) for l in layers]
     hooks = [l.output.dense.register_forward_pre_hook(lambda m, a, i=i: sums[i].add_(a[0].detach().abs().mean(dim=(0, 1))))
              for i, l in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for inputs in batches:
-                model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, hooks, batches)
     return [s * l.output.dense.weight.detach().norm(dim=0) for s, l in zip(sums, layers)]
 
 
