@@ -152,6 +152,7 @@ class HFModel(nn.Module):
     @classmethod
     def from_spec(cls, ref: str, args: dict, pretrained: bool) -> "HFModel":
         transformers = require("transformers", "hf", "the hf: architecture spec")
+        transformers.utils.logging.disable_progress_bar()   # its per-load "Loading weights" bar is noise on stderr
         path = resolve_hf_path(ref)
         args = dict(args)
         task = args.pop("task", None)
