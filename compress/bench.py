@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact
+from .cpu import has_vnni
 from .errors import CompressError
 from .outputs import write_file_atomic
 from .runners import load_runner
@@ -489,7 +490,7 @@ def _where(r: dict) -> str:
 def warnings_for(rows: list[dict], env: dict | None = None) -> list[str]:
     """Flag noisy measurements and every stage that did not make the model faster, with the likely cause."""
     out = []
-    vnni = (env or {}).get("vnni", _has_vnni())
+    vnni = (env or {}).get("vnni", has_vnni())
     noisy = [r for r in rows if r["cv"] > NOISY_CV]
     if noisy:
         worst = max(noisy, key=lambda r: r["cv"])
@@ -507,7 +508,7 @@ def warnings_for(rows: list[dict], env: dict | None = None) -> list[str]:
 
 def likely_cause(row: dict, vnni: bool | None = None) -> str | None:
     """The most common reasons a compressed model is not faster, read from the row's facts."""
-    vnni = _has_vnni() if vnni is None else vnni
+    vnni = has_vnni() if vnni is None else vnni
     dev, dtype, stage = row["device"], row.get("weights_dtype"), row.get("stage")
     if dev == "cpu" and dtype in ("float16", "bfloat16"):
         return f"{dtype} on a CPU: most CPU kernels convert to fp32 and back; keep fp32 or use int8 for CPU"
@@ -577,14 +578,6 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def _has_vnni() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx" in flags
-
-
 def _rss_mb() -> float | None:
     """Resident memory now (Linux), in MiB."""
     try:
@@ -611,7 +604,7 @@ def _env() -> dict:
     except ImportError:
         ort = None
     return {"cpu": env.get("device"), "gpu": env.get("gpu"), "torch": env.get("torch"), "onnxruntime": ort,
-            "cores": _cores(), "compress": env.get("compress"), "python": env.get("python"), "vnni": _has_vnni()}
+            "cores": _cores(), "compress": env.get("compress"), "python": env.get("python"), "vnni": has_vnni()}
 
 
 # ---------------------------------------------------------------- reports

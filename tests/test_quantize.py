@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from compress import sources
+from compress.cpu import has_vnni, int8_saturates
 from compress.pipeline import run
 from compress.runners import load_runner
 
@@ -45,6 +46,40 @@ def test_onnxruntime_static_int8_keeps_digits_accuracy(ort_static_digits):
     # Dynamic batch survives quantization.
     art = sources.load(res.out)
     assert load_runner(art)(torch.randn(5, 1, 8, 8))[0].shape == (5, 10)
+
+
+@pytest.mark.parametrize("flags,saturating,expected", [
+    ("fpu avx avx2 fma", True, True),                   # x86 without VNNI: onnxruntime's u8×s8 sums overflow int16
+    ("fpu avx avx2 avx512f avx512_vnni", True, False),  # VNNI
+    ("fpu avx avx2 avx_vnni", True, False),
+    ("fp asimd asimddp", True, False),                  # not x86 (arm64)
+    ("fpu avx avx2 fma", False, False),                 # torch's kernels: no saturation, keep 8 bits
+])
+def test_reduce_range_auto_follows_the_cpu_and_the_backend(monkeypatch, flags, saturating, expected):
+    from compress import cpu
+
+    monkeypatch.setattr(cpu, "_flags", lambda: frozenset(flags.split()))
+    assert cpu.resolve_reduce_range("auto", saturating)[0] is expected
+    assert cpu.resolve_reduce_range(True, saturating) == (True, "set by the config")
+    assert cpu.resolve_reduce_range(False, saturating)[0] is False
+
+
+def test_reduce_range_auto_is_recorded_and_explicit_values_are_kept(tmp_path, digits_source, monkeypatch, cli):
+    from compress import cpu
+
+    monkeypatch.setattr(cpu, "_flags", lambda: frozenset("fpu avx avx2 fma".split()))   # as on an AVX2 CPU without VNNI
+    res = run({"model": digits_source, "data": "digits",
+               "stages": [{"quantize": {"method": "static", "samples": 32, "check_speed": False}}]}, tmp_path / "a", quiet=True)
+    m = _metrics(res)
+    assert m["reduce_range"] is True and "no VNNI" in m["reduce_range_why"], m
+    assert res.final.stages[-1]["config"]["reduce_range"] == "auto"
+    res = run({"model": digits_source, "data": "digits",
+               "stages": [{"quantize": {"method": "static", "samples": 32, "check_speed": False, "reduce_range": False}}]},
+              tmp_path / "b", quiet=True)
+    assert _metrics(res)["reduce_range"] is False and "reduce_range_why" not in _metrics(res)
+    r = cli("quantize", digits_source["source"], "--arch", digits_source["arch"], "--input-shape", "1x1x8x8", "--method", "static",
+            "--data", "digits", "-s", "reduce_range=sometimes", "-o", tmp_path / "c")
+    assert r.rc == 1 and "reduce_range" in r.err and "auto" in r.err and not (tmp_path / "c").exists(), r.err
 
 
 def test_torch_static_int8_pt2e_aoti(tmp_path, digits_source):
@@ -120,7 +155,10 @@ def test_mobilenet_v2_static_int8_agrees_with_fp32_on_real_photos(tmp_path):
     res = run({"model": {"source": "zoo:mobilenet_v2"}, "data": "photos", "stages": [{"quantize": {"method": "static", "samples": 36}}]},
               tmp_path / "o", quiet=True)
     m = _metrics(res)
-    assert m["top1_agreement"] >= 0.85 and m["cosine"] > 0.97, m
+    # Measured on 63 held-out photos: 0.984 on an AVX-512 VNNI CPU; 0.81 on an AVX2 CPU without VNNI, where the kernels'
+    # int16 sums make 7-bit weights necessary (reduce_range=auto; 0.75 and cosine 0.950 with 8-bit ones).
+    floor = 0.85 if has_vnni() else 0.78
+    assert m["top1_agreement"] >= floor and m["cosine"] > 0.97, m
     assert m["size_bytes_after"] < 0.35 * m["size_bytes_before"]
 
 
@@ -204,7 +242,10 @@ def test_min_cosine_keeps_the_measured_most_sensitive_layer_in_float(tmp_path, o
     search = m["fidelity_search"]
     assert search["first_attempt_cosine"] < 0.95                      # all int8: the outlier layer ruins it
     assert next(iter(search["most_sensitive"])) == "2"               # measured, not guessed
-    assert m["kept_float"] == ["2"] and m["quantized_layers"] == 2
+    # On an AVX2 CPU without VNNI, layer 0 (a weight row 300x the others, full-range 8-bit inputs) also saturates the
+    # kernel's int16 sums (cosine 0.967 with '2' alone in float), so the search keeps it in float too.
+    expected = ["2", "0"] if int8_saturates() else ["2"]
+    assert m["kept_float"] == expected and m["quantized_layers"] == 3 - len(expected)
     assert search["cosine"] >= 0.999 and m["cosine"] >= 0.999, m
     _assert_reload_identical(res, (4, 16))
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..artifact import Artifact
 from ..errors import CompressError, require
 from ..registry import option, register
-from .quantize import check, pt2e_capture, pt2e_example, pt2e_package
+from .quantize import REDUCE_RANGE, REDUCE_RANGE_HELP, check, reduce_range, pt2e_capture, pt2e_example, pt2e_package
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class QATConfig:
     lr: float = option(1e-4, "learning rate (Adam); fine-tuning wants a small one", range=(0.0, 1.0))
     batch_size: int = option(32, "samples per step", range=(2, 4096))
     limit: int | None = option(None, "train on the first N training samples only", range=(2, None))
-    reduce_range: bool = option(False, "7-bit activations (CPUs without VNNI)")
+    reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (activations)", choices=REDUCE_RANGE)
     seed: int | None = option(None, "shuffling seed (default: the pipeline's seed)")
     max_accuracy_drop: float | None = option(None, "fail when accuracy drops more than this", range=(0.0, 1.0))
     require_speedup: bool = option(False, "fail when the result is not faster than its input (batch 1, 1 thread)")
@@ -69,7 +69,7 @@ def qat(artifact: Artifact, config: QATConfig, ctx) -> Artifact:
         warnings.simplefilter("ignore")
         graph = pt2e_capture(artifact, copy.deepcopy(artifact.model).train(), example, dynamic, "QAT")
         quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=config.reduce_range))
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range(config, ctx, False)))
         prepared = pt2e.prepare_qat_pt2e(graph, quantizer)
         opt = torch.optim.Adam(prepared.parameters(), lr=config.lr)
         steps = (n // config.batch_size + (1 if n % config.batch_size > 1 else 0)) * config.epochs

@@ -2,9 +2,10 @@
 
 - torch dynamic int8: Linear/LSTM/GRU weights int8, activations quantized on the fly; runs eagerly and
   exports to TorchScript. Helps Linear/LSTM-heavy models (transformers, RNNs) on CPU. Activations use all 8 bits
-  (torch's stock module uses 7; ``reduce_range=true`` restores that for CPUs without VNNI); ``exclude`` keeps layers
+  (torch's stock module uses 7, which costs fidelity with or without VNNI); ``exclude`` keeps layers
   in float by name glob, and ``min_cosine`` keeps the measured most sensitive layers in float until a fidelity floor holds.
-- onnxruntime static int8: Q/DQ per-channel, calibrated on real data; the fast CPU path for CNNs.
+- onnxruntime static int8: Q/DQ per-channel, calibrated on real data; the fast CPU path for CNNs. ``reduce_range=auto``
+  (the default) takes 7-bit weights on x86 CPUs without VNNI, where 8-bit ones saturate onnxruntime's int16 sums.
 - onnxruntime dynamic int8: MatMul/Gemm weights int8 (after BERT fusion for transformers).
 - auto: convolutions → onnxruntime static; Linear/LSTM-heavy → the faster of torch and onnxruntime dynamic.
 - qat (qat.py): quantization-aware fine-tuning with torchao PT2E, packaged like torch static.
@@ -24,10 +25,15 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as qd
 
 from ..artifact import Artifact, rebuilder
+from ..cpu import resolve_reduce_range
 from ..errors import CompressError
 from ..evaluate import run_with_hooks
 from ..registry import option, register
 from . import quantize_ort as ort_q
+
+REDUCE_RANGE = ("auto", True, False)
+REDUCE_RANGE_HELP = ("7-bit ranges, for x86 CPUs without VNNI whose int16 accumulators overflow with 8 bits; auto: true for "
+                     "onnxruntime's int8 kernels when this CPU is one (torch's kernels do not saturate: false)")
 
 DYNAMIC_LAYERS = {"Linear": nn.Linear, "LSTM": nn.LSTM, "GRU": nn.GRU, "Embedding": nn.Embedding}
 
@@ -37,8 +43,7 @@ class DynamicConfig:
     backend: str = option("torch", "torch (eager int8 Linear/LSTM/GRU) or onnxruntime (int8 MatMul/Gemm)", choices=("torch", "onnxruntime"))
     layers: tuple[str, ...] = option(("Linear", "LSTM", "GRU"), "torch: layer types to quantize (add Embedding for int8 lookup tables, weight-only)")
     per_channel: bool = option(True, "per-output-channel weight scales")
-    reduce_range: bool = option(False, "7-bit ranges for CPUs without VNNI, whose int16 accumulators overflow "
-                                "(torch: activations, onnxruntime: weights)")
+    reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (torch: activations, onnxruntime: weights)", choices=REDUCE_RANGE)
     dtype: str = option("qint8", "torch: weight dtype", choices=("qint8", "float16"))
     exclude: tuple[str, ...] = option((), "layers kept in float: torch module-name globs (e.g. '*.output.dense'), onnxruntime node names")
     min_cosine: float | None = option(None, "fidelity floor (output cosine to the input model; needs no labels): torch keeps the most "
@@ -56,7 +61,7 @@ class StaticConfig:
     calibration: str = option("minmax", "how activation ranges are chosen", choices=tuple(ort_q.CALIBRATION))
     samples: int = option(128, "calibration samples taken from --data", range=(1, 100_000))
     per_channel: bool = option(True, "per-output-channel weight scales")
-    reduce_range: bool = option(False, "7-bit weights (CPUs without VNNI)")
+    reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (onnxruntime: weights, torch: activations)", choices=REDUCE_RANGE)
     exclude: tuple[str, ...] = option((), "node names to keep in float")
     max_accuracy_drop: float | None = option(None, "retry with the first and last layers in float, then fail, when accuracy drops more than this", range=(0.0, 1.0))
     require_speedup: bool = option(False, "fail when the result is not faster than its input (batch 1, 1 thread)")
@@ -154,18 +159,18 @@ def _torch_dynamic(artifact: Artifact, config: DynamicConfig, ctx) -> Artifact:
     if len(kept) == len(names):
         raise CompressError(f"exclude keeps all {len(names)} quantizable layers in float, so nothing would be quantized", "Exclude fewer layers")
 
+    reduce = reduce_range(config, ctx, saturating_kernels=False)
+
     def make(exclude):
-        return quantize_dynamic(copy.deepcopy(model), tuple(config.layers), config.per_channel, config.dtype, tuple(exclude), config.reduce_range)
+        return quantize_dynamic(copy.deepcopy(model), tuple(config.layers), config.per_channel, config.dtype, tuple(exclude), reduce)
     q = make(kept)
     if config.min_cosine is not None:
         q, kept = _fidelity_floor(artifact, q, names, kept, config.min_cosine, ctx)
     ctx.metrics["quantized_layers"] = sum(1 for m in q.modules() if isinstance(m, (qd.Linear, qd.LSTM, qd.GRU)))
     ctx.metrics["kept_float"] = list(kept)
-    ctx.metrics["activation_bits"] = 7 if config.reduce_range else 8
-    if not config.reduce_range and not _cpu_has_vnni():
-        ctx.metrics["note"] = "this CPU lacks VNNI: 8-bit activations may saturate int16 accumulators; try -s reduce_range=true"
+    ctx.metrics["activation_bits"] = 7 if reduce else 8
     step = {"op": "quantize_dynamic", "layers": list(config.layers), "per_channel": config.per_channel, "dtype": config.dtype,
-            "exclude": list(kept), "reduce_range": config.reduce_range}
+            "exclude": list(kept), "reduce_range": reduce}
     return artifact.evolve(format="torch-quantized", model=q, rebuild=[*artifact.rebuild, step], float_model=artifact.model)
 
 
@@ -236,21 +241,19 @@ def _cosine_fn(artifact: Artifact, ctx, reference: nn.Module):
     return cosine
 
 
-def _cpu_has_vnni() -> bool:
-    """Whether this CPU has VNNI int8 dot products (x86 flags; assumed on other architectures)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    if " avx2" not in flags:
-        return True     # not x86, or not a CPU fbgemm uses int16 accumulation on
-    return any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
+def reduce_range(config, ctx, saturating_kernels: bool) -> bool:
+    """The config's ``reduce_range`` resolved for this CPU and backend; the manifest's metrics say what was used and why."""
+    value, why = resolve_reduce_range(config.reduce_range, saturating_kernels)
+    ctx.metrics["reduce_range"] = value
+    if config.reduce_range == "auto":
+        ctx.metrics["reduce_range_why"] = why
+    return value
 
 
 def _ort_dynamic(artifact: Artifact, config: DynamicConfig, ctx) -> Artifact:
     src, specs = ort_q.fp32_onnx(artifact, Path(ctx.workdir) / "_fp32", optimize_bert=True, fuse_embeddings=config.embedding_bits == 8)
     dst = Path(ctx.workdir) / "model.onnx"
-    ctx.metrics.update(ort_q.quantize_dynamic(src, dst, config.per_channel, config.reduce_range, config.exclude, config.embedding_bits))
+    ctx.metrics.update(ort_q.quantize_dynamic(src, dst, config.per_channel, reduce_range(config, ctx, True), config.exclude, config.embedding_bits))
     shutil.rmtree(Path(ctx.workdir) / "_fp32", ignore_errors=True)
     return artifact.evolve(format="onnx", path=dst, model=None, input_spec=specs, extra={**artifact.extra, "quantization": "dynamic int8"})
 
@@ -270,7 +273,7 @@ def dynamic(artifact, config: DynamicConfig, ctx):
 # ---------------------------------------------------------------- onnxruntime static
 def _ort_static(artifact: Artifact, config: StaticConfig, ctx, src: Path, specs, batches, exclude: tuple[str, ...]) -> Artifact:
     dst = Path(ctx.workdir) / "model.onnx"
-    ctx.metrics.update(ort_q.quantize_static(src, dst, batches, config.calibration, config.per_channel, config.reduce_range, exclude))
+    ctx.metrics.update(ort_q.quantize_static(src, dst, batches, config.calibration, config.per_channel, reduce_range(config, ctx, True), exclude))
     ctx.metrics["kept_float"] = list(exclude)
     return artifact.evolve(format="onnx", path=dst, model=None, input_spec=specs, extra={**artifact.extra, "quantization": "static int8 QDQ"})
 
@@ -293,7 +296,7 @@ def _torch_static(artifact: Artifact, config: StaticConfig, ctx) -> Artifact:
         graph = pt2e_capture(artifact, copy.deepcopy(artifact.model).eval(), example, dynamic, "static")
         quantizer = xiq.X86InductorQuantizer()
         # The x86 quantizer's weights are always per-channel; activations uint8 per tensor.
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=config.reduce_range))
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(reduce_range=reduce_range(config, ctx, False)))
         prepared = pt2e.prepare_pt2e(graph, quantizer)
         with torch.no_grad():
             for inputs in batches:
