@@ -33,9 +33,10 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(scope="module")
 def teacher(one_thread, tmp_path_factory) -> Path:
-    """A DigitsCNN(width=16) trained on the digits train split, saved as a run directory."""
+    """A DigitsCNN(width=16) trained for 20 epochs on the digits train split (98.6% held-out), saved as a run directory.
+    A teacher must beat what the student learns from labels alone, or distillation has nothing to teach."""
     d = tmp_path_factory.mktemp("teacher")
-    torch.save(trained_digits_cnn(16), d / "teacher.pt")
+    torch.save(trained_digits_cnn(16, 20), d / "teacher.pt")
     save(sources.load(d / "teacher.pt", DIGITS["arch"], {"width": 16}, DIGITS["input_shape"]), d / "run")
     return d / "run"
 
@@ -67,7 +68,9 @@ def same(a: dict, b: dict) -> bool:
 # ---------------------------------------------------------------- real case: digits
 def test_kd_student_gets_close_to_the_teacher_and_no_worse_than_labels_alone(cli, teacher, tmp_path):
     student = student_file(tmp_path, 8)
-    budget = {"epochs": 12, "lr": 0.003}
+    # Temperature 1: this 3k-weight student learns less from flattened soft targets. Measured on an AVX2 CPU over seeds
+    # 1-3 (KD vs labels-only): T=1 +0.3/+0.3/-0.3 points, T=2 -1.1/-1.7/-1.7, T=4 (the default) -3.1/-3.6/-3.3.
+    budget = {"epochs": 12, "lr": 0.003, "temperature": 1.0}
     started = time.perf_counter()
     r = cli("distill", student, "--arch", DIGITS["arch"], "--arch-args", '{"width": 8}', "--input-shape", "1x1x8x8",
             "--teacher", teacher, "--data", "digits", *[a for k, v in budget.items() for a in ("-s", f"{k}={v}")], "-o", tmp_path / "kd")
