@@ -304,6 +304,66 @@ def best(rows: list[dict], tool_is_compress: bool, key: str = "p50_ms", batch: i
     return min(cands, key=lambda r: r[key]) if cands else None
 
 
+# ---------------------------------------------------------------- quick vs full
+CLEAR = 1.15   # a pair of variants is clearly ordered when one is at least this much faster than the other
+
+
+def ordering(quick: dict, full: dict, clear: float = CLEAR) -> dict:
+    """Does a quick run reproduce a full run's ordering? Compared at batch 1 over the variants both runs measured:
+
+    - Kendall's tau between the two latency rankings (1: the same order);
+    - *flips*: pairs the full run ordered clearly (one ≥ ``clear``× faster) that the quick run reverses;
+    - the full run's pick against the full run's best peer, both by name: their ratio in each run, and whether the
+      quick ratio lands on the same side of the suite's speed target.
+
+    Compared by name, because a quick run's students train too briefly to meet the accuracy bar themselves: what a
+    quick run can check is the speed ordering, which the training budget does not change (the architecture does)."""
+    q = {r["variant"]: r["p50_ms"] for r in quick.get("rows", []) if r["batch_size"] == 1 and r.get("p50_ms")}
+    f = {r["variant"]: r["p50_ms"] for r in full.get("rows", []) if r["batch_size"] == 1 and r.get("p50_ms")}
+    names = [n for n in f if n in q]
+    concordant = discordant = 0
+    flips = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            sf, sq = f[a] - f[b], q[a] - q[b]
+            if sf * sq > 0:
+                concordant += 1
+            elif sf * sq < 0:
+                discordant += 1
+                fast, slow = (a, b) if sf < 0 else (b, a)
+                if f[slow] / f[fast] >= clear:
+                    flips.append({"faster_in_full": fast, "slower_in_full": slow, "full_ratio": round(f[slow] / f[fast], 3),
+                                  "quick_ratio": round(q[slow] / q[fast], 3)})
+    pairs = concordant + discordant
+    out = {"compared": names, "missing_in_quick": [n for n in f if n not in q], "kendall_tau": round((concordant - discordant) / pairs, 3) if pairs else None,
+           "flips": flips, "clear": clear}
+    pick, metric, bar = full.get("selected"), full.get("metric", "accuracy"), full.get("quality_bar")
+    peer = best(full.get("rows", []), False, bar=None if bar is None else (lambda r: r.get(metric) is not None and r[metric] >= bar))
+    target = full.get("speed_target")
+    if pick in f and pick in q and peer is not None and peer["variant"] in q:
+        full_ratio, quick_ratio = f[peer["variant"]] / f[pick], q[peer["variant"]] / q[pick]
+        out["pick"] = {"variant": pick, "peer": peer["variant"], "full_ratio": round(full_ratio, 3), "quick_ratio": round(quick_ratio, 3),
+                       "target": target, "same_side": None if target is None else (full_ratio >= target) == (quick_ratio >= target)}
+    return out
+
+
+def ordering_verdict(o: dict) -> dict:
+    p = o.get("pick")
+    if p is None:
+        return verdict("quick run reproduces the full run's ordering (batch 1, 1 thread)", None,
+                       "the full run's pick or its best peer was not measured in both runs")
+    same_direction = (p["quick_ratio"] >= 1.0) == (p["full_ratio"] >= 1.0)     # the pick is ahead of (or behind) the peer in both
+    ok = not o["flips"] and same_direction and p["same_side"] is not False
+    text = (f"Kendall's tau {o['kendall_tau']:.2f} over {len(o['compared'])} variants; {len(o['flips'])} clear flip(s) "
+            f"(pairs ≥ {o['clear']:.2f}× apart in the full run, reversed here); the full run's pick, {p['variant']}, is "
+            f"{p['quick_ratio']:.2f}× its best peer {p['peer']} here vs {p['full_ratio']:.2f}× in the full run"
+            + (f" (target {p['target']:g}×: {'same side' if p['same_side'] else 'other side'})" if p.get("target") else ""))
+    if o["flips"]:
+        text += "; flipped: " + ", ".join(f"{x['faster_in_full']} / {x['slower_in_full']} ({x['full_ratio']:.2f}× → {1 / x['quick_ratio']:.2f}×)"
+                                          for x in o["flips"][:4])
+    return verdict("quick run reproduces the full run's ordering (batch 1, 1 thread)", ok, text)
+
+
 # ---------------------------------------------------------------- writing
 def write_results(results: dict, out: str | Path) -> list[Path]:
     """latest.json, RESULTS.md and latency_vs_accuracy.png in ``out``."""
