@@ -150,3 +150,36 @@ def test_cli_help():
 def test_cli_rejects_an_unknown_suite():
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--suite", "audio"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def _suite(rows, selected="mine", target=2.0, bar=0.8):
+    return {"rows": [_row(*r) for r in rows], "selected": selected, "metric": "accuracy", "quality_bar": bar, "speed_target": target}
+
+
+def test_quick_ordering_matches_when_only_close_pairs_swap():
+    full = _suite([("mine", "compress", 1.0, 0.9), ("peer a", "peer", 2.5, 0.9), ("peer b", "peer", 2.6, 0.9), ("wrong", "peer", 0.5, 0.1)])
+    # The quick run's students miss the bar (accuracy 0.5), and two peers 4% apart swap: neither breaks the ordering.
+    quick = _suite([("mine", "compress", 1.1, 0.5), ("peer a", "peer", 2.9, 0.9), ("peer b", "peer", 2.8, 0.9), ("wrong", "peer", 0.6, 0.1)],
+                   selected=None)
+    o = harness.ordering(quick, full)
+    assert o["compared"] == ["mine", "peer a", "peer b", "wrong"] and o["flips"] == []
+    assert o["kendall_tau"] == pytest.approx(4 / 6, abs=1e-3)      # 5 concordant pairs, 1 discordant
+    # The full run's pick is compared by name with the full run's best peer meeting the bar (not "wrong").
+    assert o["pick"]["peer"] == "peer a" and o["pick"]["full_ratio"] == 2.5 and o["pick"]["same_side"] is True
+    v = harness.ordering_verdict(o)
+    assert v["passed"] is True and "2.64× its best peer peer a here vs 2.50×" in v["measured"]
+
+
+def test_quick_ordering_fails_on_a_clear_flip_or_the_other_side_of_the_target():
+    full = _suite([("mine", "compress", 1.0, 0.9), ("peer a", "peer", 2.5, 0.9), ("peer b", "peer", 4.0, 0.9)])
+    flipped = _suite([("mine", "compress", 1.0, 0.9), ("peer a", "peer", 4.0, 0.9), ("peer b", "peer", 2.5, 0.9)])
+    o = harness.ordering(flipped, full)
+    assert [(f["faster_in_full"], f["slower_in_full"]) for f in o["flips"]] == [("peer a", "peer b")]
+    v = harness.ordering_verdict(o)
+    assert v["passed"] is False and "peer a / peer b" in v["measured"]
+    slower = _suite([("mine", "compress", 1.5, 0.9), ("peer a", "peer", 2.5, 0.9), ("peer b", "peer", 4.0, 0.9)])
+    o = harness.ordering(slower, full)
+    assert o["flips"] == [] and o["pick"]["same_side"] is False     # 1.67× here: below the 2× target, 2.5× in the full run
+    assert harness.ordering_verdict(o)["passed"] is False
+    missing = _suite([("peer a", "peer", 2.5, 0.9), ("peer b", "peer", 4.0, 0.9)])
+    assert harness.ordering_verdict(harness.ordering(missing, full))["passed"] is None

@@ -125,6 +125,15 @@ def test_validate_reports_every_problem(cli, tmp_path, tiny_state, fake_methods)
     assert r.rc == 1 and "out of range" in r.err
 
 
+def test_validate_catches_options_that_contradict_each_other(cli, tmp_path, tiny_state):
+    # int4 embedding tables exist only in the onnxruntime backend: refused by validate, before any model is loaded.
+    path = _pipeline_file(tmp_path, tiny_state[0], {"quantize": {"method": "dynamic", "backend": "torch", "embedding_bits": 4}})
+    r = cli("validate", path)
+    assert r.rc == 1 and "embedding_bits=4 is an onnxruntime option" in r.err and "Traceback" not in r.err, r.err
+    path = _pipeline_file(tmp_path, tiny_state[0], {"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}})
+    assert cli("validate", path).rc == 0
+
+
 def test_validate_yaml_syntax_error_gives_line_and_column(cli, tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("model:\n  source: m.pt\nstages:\n  - prune: {method: magnitude\n  - export: {}\n")

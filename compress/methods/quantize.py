@@ -53,6 +53,11 @@ class DynamicConfig:
     require_speedup: bool = option(False, "fail when the result is not faster than its input (batch 1, 1 thread)")
     check_speed: bool = option(True, "time input and result briefly and warn when it is not faster")
 
+    def __post_init__(self):   # checked when the config is built, so `validate` reports it before anything runs
+        if self.backend == "torch" and self.embedding_bits != 8:
+            raise ValueError(f"embedding_bits={self.embedding_bits} is an onnxruntime option (int4 embedding tables); "
+                             "add backend onnxruntime (--backend onnxruntime), or drop embedding_bits")
+
 
 @dataclass(frozen=True)
 class StaticConfig:
@@ -264,8 +269,6 @@ def dynamic(artifact, config: DynamicConfig, ctx):
     fn = _torch_dynamic if config.backend == "torch" and artifact.format == "torch" else _ort_dynamic
     if config.backend == "torch" and artifact.format != "torch":
         raise CompressError(f"torch dynamic quantization takes a torch model, not {artifact.format}", "Use --backend onnxruntime for ONNX models")
-    if config.backend == "torch" and config.embedding_bits != 8:
-        raise CompressError("embedding_bits=4 is an onnxruntime option (int4 embedding tables)", "Add --backend onnxruntime, or drop embedding_bits")
     out = fn(artifact, config, ctx)
     return check(artifact, out, config, ctx, retry=None)
 
