@@ -485,6 +485,12 @@ def plot_latency_vs_quality(results: dict, path: Path) -> None:
     for i, s in enumerate(suites):
         ax = fig.add_subplot(1, len(suites), i + 1)
         rows = [r for r in s["rows"] if r["batch_size"] == 1 and r.get("p50_ms") and quality_of(r)[1] is not None]
+        bar = s.get("quality_bar")
+        low = [r for r in rows if bar is not None and quality_of(r)[1] < bar - 0.25]   # e.g. a pruned model before retraining
+        rows = [r for r in rows if r not in low] or rows
+        if low:
+            ax.text(0.01, 0.01, "not shown (far below the bar): " + ", ".join(f"{r['variant']} ({quality_of(r)[1]:.2f})" for r in low),
+                    transform=ax.transAxes, fontsize=6, color="grey", va="bottom")
         for r in rows:
             metric, q = quality_of(r)
             mine = r["tool"] == "compress"
@@ -497,9 +503,11 @@ def plot_latency_vs_quality(results: dict, path: Path) -> None:
         ax.scatter([], [], color="tab:blue", label="peers")
         ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
-        from matplotlib.ticker import ScalarFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("p50 latency, batch 1, 1 thread (ms, log)")
         ax.set_ylabel(quality_of(rows[0])[0])
         ax.set_title(s["name"])
