@@ -61,6 +61,7 @@ class Phase:
     rounds: int = 5
     runs: int = 10               # timed runs per variant per round
     warmup: int = 2              # passes over all input sets before timing
+    budget_s: float | None = None   # cap on a variant's timed seconds over the phase (spread over the rounds; ≥ 1 run a round)
     evaluate: bool | Callable = False   # measure quality with this phase's runners (after timing); a callable
                                         # replaces measure()'s evaluate for this phase (e.g. batch 1 at natural length)
 
@@ -139,8 +140,13 @@ def _reset_compiled() -> None:
 
 
 def time_interleaved(runners: dict[str, Any], inputs: list[tuple], rounds: int, runs: int, warmup: int = 2,
-                     log: Callable[[str], None] | None = None) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
-    """Time every runner on the same inputs, interleaved round-robin. Returns (times_ms, errors, warm-up seconds)."""
+                     log: Callable[[str], None] | None = None,
+                     budget_s: float | None = None) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
+    """Time every runner on the same inputs, interleaved round-robin. Returns (times_ms, errors, warm-up seconds).
+
+    Each variant cycles through ``inputs`` in order. With ``budget_s``, a variant stops a round's runs early (after
+    at least one) once its timed total passes its share of the budget so far: cheap variants still get every run, a
+    slow one fewer, and every round still samples every variant."""
     errors: dict[str, str] = {}
     warm_s: dict[str, float] = {}
     prepared: dict[str, list] = {}
@@ -166,14 +172,17 @@ def time_interleaved(runners: dict[str, Any], inputs: list[tuple], rounds: int, 
             for name in order:
                 if name in errors:
                     continue
-                r, ps = runners[name], prepared[name]
+                r, ps, done = runners[name], prepared[name], times[name]
+                share = None if budget_s is None else budget_s * 1e3 * (rnd + 1) / rounds
                 try:
-                    r.run(ps[(rnd * runs) % n])          # untimed: clears what the previous variant left behind
+                    r.run(ps[len(done) % n])             # untimed: clears what the previous variant left behind
                     for k in range(runs):
-                        p = ps[(rnd * runs + k) % n]
+                        if k and share is not None and sum(done) >= share:
+                            break
+                        p = ps[len(done) % n]
                         t0 = clock()
                         r.run(p)
-                        times[name].append((clock() - t0) / 1e6)
+                        done.append((clock() - t0) / 1e6)
                 except Exception as exc:  # noqa: BLE001
                     errors[name] = short_error(exc)
                     times.pop(name, None)
@@ -202,7 +211,7 @@ def measure(variants: list[Variant], phases: list[Phase], evaluate: Callable[[An
     for phase in phases:
         if log:
             log(f"  timing batch {phase.batch_size}, {phase.threads} thread(s): {sum(v.ok for v in variants)} variants × "
-                f"{phase.rounds} rounds × {phase.runs} runs")
+                f"{phase.rounds} rounds × {phase.runs} runs" + (f" (≤ {phase.budget_s:g} s of timed runs each)" if phase.budget_s else ""))
         with _threads(phase.threads):
             _reset_compiled()
             runners = {}
@@ -213,7 +222,7 @@ def measure(variants: list[Variant], phases: list[Phase], evaluate: Callable[[An
                     runners[v.name] = v.load(phase.threads)
                 except Exception as exc:  # noqa: BLE001
                     v.phase_errors[phase.key] = f"could not load: {short_error(exc)}"
-            times, errors, warm = time_interleaved(runners, phase.inputs, phase.rounds, phase.runs, phase.warmup, log)
+            times, errors, warm = time_interleaved(runners, phase.inputs, phase.rounds, phase.runs, phase.warmup, log, phase.budget_s)
             by_name = {v.name: v for v in variants}
             for name, err in errors.items():
                 by_name[name].phase_errors[phase.key] = err
@@ -297,6 +306,12 @@ def verdict(target: str, passed: bool | None, measured: str) -> dict:
     return {"target": target, "passed": passed, "measured": measured}
 
 
+def mark(v: dict, bold: bool = False) -> str:
+    """PASS / MISSED / not judged; a quick run's targets are marked indicative (its training budget is too small)."""
+    m = "PASS" if v["passed"] else "not judged" if v["passed"] is None else ("**MISSED**" if bold else "MISSED")
+    return f"indicative, {m}" if v.get("indicative") else m
+
+
 def best(rows: list[dict], tool_is_compress: bool, key: str = "p50_ms", batch: int = 1, bar: Callable[[dict], bool] | None = None):
     """The fastest row (lowest ``key``) at ``batch`` among compress's rows or among the peers' rows, optionally meeting a bar."""
     cands = [r for r in rows if r["batch_size"] == batch and r.get(key) is not None and (r["tool"] == "compress") == tool_is_compress
@@ -343,7 +358,10 @@ def ordering(quick: dict, full: dict, clear: float = CLEAR) -> dict:
     if pick in f and pick in q and peer is not None and peer["variant"] in q:
         full_ratio, quick_ratio = f[peer["variant"]] / f[pick], q[peer["variant"]] / q[pick]
         out["pick"] = {"variant": pick, "peer": peer["variant"], "full_ratio": round(full_ratio, 3), "quick_ratio": round(quick_ratio, 3),
-                       "target": target, "same_side": None if target is None else (full_ratio >= target) == (quick_ratio >= target)}
+                       "target": target, "same_side": None if target is None else (full_ratio >= target) == (quick_ratio >= target),
+                       # within ``clear`` of 1 (or of the target) the full run itself did not order them clearly
+                       "clear_of_peer": max(full_ratio, 1 / full_ratio) >= clear,
+                       "clear_of_target": target is not None and max(full_ratio / target, target / full_ratio) >= clear}
     return out
 
 
@@ -353,11 +371,17 @@ def ordering_verdict(o: dict) -> dict:
         return verdict("quick run reproduces the full run's ordering (batch 1, 1 thread)", None,
                        "the full run's pick or its best peer was not measured in both runs")
     same_direction = (p["quick_ratio"] >= 1.0) == (p["full_ratio"] >= 1.0)     # the pick is ahead of (or behind) the peer in both
-    ok = not o["flips"] and same_direction and p["same_side"] is not False
+    # A swap only counts where the full run was clear about it (≥ ``clear``× apart), as for the flips above.
+    ok = not o["flips"] and (same_direction or not p.get("clear_of_peer", True)) \
+        and (p["same_side"] is not False or not p.get("clear_of_target", True))
     text = (f"Kendall's tau {o['kendall_tau']:.2f} over {len(o['compared'])} variants; {len(o['flips'])} clear flip(s) "
             f"(pairs ≥ {o['clear']:.2f}× apart in the full run, reversed here); the full run's pick, {p['variant']}, is "
-            f"{p['quick_ratio']:.2f}× its best peer {p['peer']} here vs {p['full_ratio']:.2f}× in the full run"
-            + (f" (target {p['target']:g}×: {'same side' if p['same_side'] else 'other side'})" if p.get("target") else ""))
+            f"{p['quick_ratio']:.2f}× its best peer {p['peer']} here vs {p['full_ratio']:.2f}× in the full run")
+    if not same_direction and not p.get("clear_of_peer", True):
+        text += f" (a swap within {o['clear']:.2f}×, which the full run did not order clearly either)"
+    if p.get("target"):
+        text += f" (target {p['target']:g}×: {'same side' if p['same_side'] else 'other side'}"
+        text += ")" if p["same_side"] or p.get("clear_of_target", True) else f", but the full run was within {o['clear']:.2f}× of it)"
     if o["flips"]:
         text += "; flipped: " + ", ".join(f"{x['faster_in_full']} / {x['slower_in_full']} ({x['full_ratio']:.2f}× → {1 / x['quick_ratio']:.2f}×)"
                                           for x in o["flips"][:4])
@@ -438,7 +462,8 @@ def markdown(results: dict, plot: str | None = None) -> str:
     m = results.get("machine", {})
     lines = ["# compress benchmarks", ""]
     if results.get("quick"):
-        lines += ["> **Quick run** (`--quick`): fewer timed runs and a smaller training budget; the figures are indicative only.", ""]
+        lines += ["> **Quick run** (`--quick`): fewer timed runs and a smaller training budget; the figures and the targets are "
+                  "indicative only; what it checks is that it reproduces the full run's latency ordering.", ""]
     lines += [f"Machine: {m.get('cpu')} · {m.get('cores')} cores · VNNI {'yes' if m.get('vnni') else 'no'} · "
               f"torch {m.get('torch')} · onnxruntime {m.get('onnxruntime')} · Python {m.get('python')} · "
               f"load average {_num(m.get('load_avg_at_start'))} at start, {_num(m.get('load_avg_at_end'))} at end.", "",
@@ -454,8 +479,7 @@ def markdown(results: dict, plot: str | None = None) -> str:
         if suite.get("verdicts"):
             lines += ["Targets:", ""]
             for v in suite["verdicts"]:
-                mark = "PASS" if v["passed"] else ("not judged" if v["passed"] is None else "**MISSED**")
-                lines.append(f"- {mark} — {v['target']}: {v['measured']}")
+                lines.append(f"- {mark(v, bold=True)} — {v['target']}: {v['measured']}")
             lines.append("")
         if suite.get("rows"):
             lines += suite_table(suite) + [""]
