@@ -112,8 +112,21 @@ def test_statistics_are_percentiles_mean_std_cv_and_throughput():
     assert s["mean_ms"] == pytest.approx(50.5)
     assert s["std_ms"] == pytest.approx(29.011, abs=1e-3)          # sample standard deviation
     assert s["cv"] == pytest.approx(29.011 / 50.5, abs=1e-4)
+    assert s["spread"] == pytest.approx((75.25 - 25.75) / 1.349 / 50.5, abs=1e-4)   # IQR / 1.349 / median
     assert s["throughput_per_s"] == pytest.approx(4 * 1000 / 50.5)
     assert s["runs"] == 100 and s["warmup_runs"] == 3
+
+
+def test_one_outlier_among_many_runs_moves_the_cv_but_not_the_spread_or_the_noise_warning():
+    from compress.bench import NOISY_CV, warnings_for
+
+    times = [1.0 + 0.01 * (i % 10) for i in range(999)] + [60.0]       # one scheduler hiccup in 1000 runs
+    s = Timing(times, warmup_runs=1).stats(batch=1)
+    assert s["cv"] > NOISY_CV and s["spread"] < 0.05
+    row = {"label": "x", "stage": "export", "format": "onnx", "device": "cpu", "batch_size": 1, "threads": 1,
+           "baseline": True, **s}
+    assert not any("too noisy" in w for w in warnings_for([row], {"vnni": True}))
+    assert any("too noisy" in w for w in warnings_for([dict(row, spread=0.3)], {"vnni": True}))
 
 
 def test_warmup_runs_until_the_median_settles():
