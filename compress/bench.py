@@ -1,9 +1,10 @@
 """Latency, throughput, size, memory and accuracy of artifacts, measured the same way for every format.
 
-Every format goes through its runner (:mod:`compress.runners`) and the one timing loop :func:`time_runner`:
+Every format goes through its runner (:mod:`compress.runners`) and the one timing loop (:class:`Clocked`):
 under ``torch.inference_mode()``, warm up until the median of one window of runs is within 5% of the
 previous window's (with a cap on runs and time), then time runs until a time budget or a run count is
-reached. CPU time is taken with ``perf_counter_ns``; on CUDA, torch work is timed with CUDA events and a
+reached. ``bench`` times all artifacts of one device × threads × batch size interleaved, in rotating slices,
+so their ratios (the speedup column) survive a noisy machine. CPU time is taken with ``perf_counter_ns``; on CUDA, torch work is timed with CUDA events and a
 synchronisation after every run, and the host-to-device copy of the inputs is timed apart from compute.
 
 With ``--data``, text models are timed on real tokenized sentences at their natural (unpadded) length,
@@ -36,6 +37,7 @@ WARMUP_WINDOW = 5          # runs per warm-up window
 WARMUP_SETTLE = 0.05       # warm-up ends when a window's median is within 5% of the previous one
 TEXT_TIMING_BATCHES = 16   # real text batches cycled through while timing
 QUALITY_BATCH = 32
+INTERLEAVE_ROUNDS = 5      # artifacts are timed in this many interleaved slices each
 
 
 @dataclass
@@ -115,49 +117,93 @@ def _pct(sorted_times: list[float], q: float) -> float:
     return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (k - lo)
 
 
+class Clocked:
+    """One runner ready to be timed: its input sets prepared (pinned and copied on CUDA), its clock chosen, and
+    warmed up until the median of one window of runs (a whole cycle of input sets, at least 5 runs) is within
+    ``settle`` of the previous window's, or after ``warmup_cap`` runs or ``budget_s`` seconds. :meth:`run_for`
+    then adds timed runs, in one go or in slices interleaved with other runners."""
+
+    def __init__(self, runner, inputs, budget_s: float = 2.0, warmup_cap: int = 50, settle: float = WARMUP_SETTLE):
+        sets = [inputs] if isinstance(inputs, tuple) and all(isinstance(x, torch.Tensor) for x in inputs) else list(inputs)
+        self.runner, self.times = runner, []
+        cuda = str(runner.device).startswith("cuda")
+        gc.collect()
+        with torch.inference_mode(), runner.threads_set():
+            if cuda:
+                sets = [tuple(x.pin_memory() for x in s) for s in sets]
+            self.prepared = [runner.prepare(s) for s in sets]
+            runner.sync()
+            self.events = cuda and _on_cuda(self.prepared[0])
+            self.h2d = _h2d_ms(runner, sets) if self.events else None
+            self.once = _cuda_clock(runner) if self.events else _host_clock(runner)
+            n = len(self.prepared)
+            window = max(WARMUP_WINDOW, n)
+            cap = max(warmup_cap, 3 * window)
+            warm: list[float] = []
+            warm_deadline = time.perf_counter() + budget_s
+            while len(warm) < cap:
+                warm.append(self.once(self.prepared[len(warm) % n]))
+                if len(warm) >= 2 * window and len(warm) % window == 0:
+                    before, last = statistics.median(warm[-2 * window:-window]), statistics.median(warm[-window:])
+                    if abs(last - before) <= settle * before:
+                        break
+                if len(warm) >= 2 and time.perf_counter() > warm_deadline:
+                    break
+        self.warmup_runs = self.next = len(warm)
+
+    def run_for(self, budget_s: float, min_runs: int, max_runs: int, at_least: int = 3, untimed: bool = False) -> None:
+        """Timed runs until ``min_runs`` in all are done and ``budget_s`` has passed, or ``max_runs`` in all are done;
+        a model far slower than the budget stops after 10 budgets (at least 10 s) once ``at_least`` runs are done
+        here. ``untimed``: one run first that is not timed (it clears what another runner left in the caches)."""
+        n = len(self.prepared)
+        with torch.inference_mode(), self.runner.threads_set():
+            if untimed:
+                self.once(self.prepared[self.next % n])
+            start = len(self.times)
+            deadline = time.perf_counter() + budget_s
+            hard_stop = deadline + max(9 * budget_s, 10.0)
+            while len(self.times) < max_runs and (len(self.times) < min_runs or time.perf_counter() < deadline):
+                if len(self.times) - start >= at_least and time.perf_counter() > hard_stop:
+                    break
+                self.times.append(self.once(self.prepared[self.next % n]))
+                self.next += 1
+
+    def timing(self) -> "Timing":
+        return Timing(list(self.times), self.warmup_runs, self.h2d, "cuda-events" if self.events else "perf_counter")
+
+
 def time_runner(runner, inputs, budget_s: float = 2.0, min_runs: int = 10, max_runs: int = 1000,
                 warmup_cap: int = 50, settle: float = WARMUP_SETTLE) -> Timing:
-    """Time ``runner`` on ``inputs`` (one tuple of tensors, or a list of them, cycled in order).
+    """Time ``runner`` on ``inputs`` (one tuple of tensors, or a list of them, cycled in order): warm up (see
+    :class:`Clocked`), then time runs until at least ``min_runs`` are done and ``budget_s`` has passed, or
+    ``max_runs`` are done (or, for a model far slower than the budget allows, after 10 budgets (at least 10 s)
+    and at least 3 runs)."""
+    c = Clocked(runner, inputs, budget_s, warmup_cap, settle)
+    c.run_for(budget_s, min_runs, max_runs)
+    return c.timing()
 
-    Warm-up stops when the median of a window of runs (a whole cycle of input sets, at least 5 runs) is within
-    ``settle`` of the previous window's, or after ``warmup_cap`` runs or ``budget_s`` seconds. Then runs are
-    timed until at least ``min_runs`` are done and ``budget_s`` has passed, or ``max_runs`` are done (or, for a
-    model far slower than the budget allows, after 10 budgets (at least 10 s) and at least 3 runs).
-    """
-    sets = [inputs] if isinstance(inputs, tuple) and all(isinstance(x, torch.Tensor) for x in inputs) else list(inputs)
-    cuda = str(runner.device).startswith("cuda")
-    gc.collect()
-    with torch.inference_mode(), runner.threads_set():
-        if cuda:
-            sets = [tuple(x.pin_memory() for x in s) for s in sets]
-        prepared = [runner.prepare(s) for s in sets]
-        runner.sync()
-        events = cuda and _on_cuda(prepared[0])
-        h2d = _h2d_ms(runner, sets) if events else None
-        once = _cuda_clock(runner) if events else _host_clock(runner)
-        n = len(prepared)
-        window = max(WARMUP_WINDOW, n)
-        cap = max(warmup_cap, 3 * window)
-        warm: list[float] = []
-        warm_deadline = time.perf_counter() + budget_s
-        while len(warm) < cap:
-            warm.append(once(prepared[len(warm) % n]))
-            if len(warm) >= 2 * window and len(warm) % window == 0:
-                before, last = statistics.median(warm[-2 * window:-window]), statistics.median(warm[-window:])
-                if abs(last - before) <= settle * before:
-                    break
-            if len(warm) >= 2 and time.perf_counter() > warm_deadline:
-                break
-        i = len(warm)
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        hard_stop = deadline + max(9 * budget_s, 10.0)    # a model far slower than the budget ends after 3 runs
-        while len(times) < max_runs and (len(times) < min_runs or time.perf_counter() < deadline):
-            if len(times) >= 3 and time.perf_counter() > hard_stop:
-                break
-            times.append(once(prepared[i % n]))
-            i += 1
-    return Timing(times, len(warm), h2d, "cuda-events" if events else "perf_counter")
+
+def time_interleaved(clocked: list[Clocked], budget_s: float, min_runs: int, max_runs: int, rounds: int = INTERLEAVE_ROUNDS,
+                     on_round=None) -> dict[int, str]:
+    """Give every runner ``budget_s`` of timed runs in ``rounds`` slices, round-robin with the order rotating each
+    round and one untimed run before each slice, so all of them share the machine's drifts (clock boosts,
+    neighbours on a VM) and their ratios hold. Returns {index: error} for runners that failed while timing."""
+    errors: dict[int, str] = {}
+    for r in range(rounds):
+        if on_round:
+            on_round(r)
+        order = list(range(len(clocked)))
+        order = order[r % len(order):] + order[:r % len(order)] if order else []
+        for i in order:
+            if i in errors:
+                continue
+            share = (r + 1) / rounds
+            try:
+                clocked[i].run_for(budget_s / rounds, math.ceil(min_runs * share), max(1, math.ceil(max_runs * share)),
+                                   at_least=1, untimed=True)
+            except RuntimeError as exc:
+                errors[i] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return errors
 
 
 def _host_clock(runner):
@@ -364,10 +410,19 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
         task = bar.add_task("benchmarking", total=total, info="")
         for device in settings.devices:
             reference: dict = {"outputs": {}}          # the baseline's outputs, for fidelity
-            for idx, (label, art) in enumerate(artifacts):
-                context = {"idx": idx, "label": label, "art": art, "device": device, "settings": settings, "bundle": bundle,
-                           "tokenizer": tokenizer, "reference": reference, "quality_batches": quality_batches}
-                _bench_artifact(context, rows, skipped, bar, task)
+            once: dict[int, dict] = {}                 # per artifact: quality, params, facts (measured once per device)
+            for threads in settings.threads:
+                runners: dict = {}
+                for batch in settings.batch_sizes:
+                    c = {"device": device, "threads": threads, "batch": batch, "settings": settings, "bundle": bundle,
+                         "tokenizer": tokenizer, "reference": reference, "quality_batches": quality_batches}
+                    _bench_combination(artifacts, c, runners, once, rows, skipped, bar, task)
+                del runners
+                gc.collect()
+    order = {(d, t, b): i for i, (d, t, b) in enumerate((d, t, b) for d in settings.devices for t in settings.threads for b in settings.batch_sizes)}
+    rows.sort(key=lambda r: (settings.devices.index(r["device"]), r["_order"], order[(r["device"], r["threads"], r["batch_size"])]))
+    for r in rows:
+        del r["_order"]
     if not rows and skipped:
         first = skipped[0]
         raise CompressError(f"nothing could be measured: {first['label']} failed at batch {first.get('batch_size', '?')}: {first.get('reason', '')}".rstrip(": "),
@@ -385,32 +440,46 @@ def bench_artifacts(artifacts: list[tuple[str, Artifact]], settings: BenchSettin
     return report
 
 
-def _bench_artifact(c: dict, rows: list[dict], skipped: list[dict], bar, task) -> None:
-    """All rows of one artifact on one device: threads × batch sizes. Quality, size and facts are measured once."""
-    art, idx, device, settings = c["art"], c["idx"], c["device"], c["settings"]
-    size, stage = size_on_disk(art), stage_of(art, idx == 0)
-    once = None
-    for threads in settings.threads:
-        runner = None
-        for batch in settings.batch_sizes:
-            bar.update(task, info=f"{c['label']} {device} b{batch} t{threads}")
-            try:
-                runner = runner or load_runner(art, device, threads)
-                if once is None:
-                    once = {"metrics": _artifact_quality(runner, art, idx, c["bundle"], c["quality_batches"], c["reference"]),
-                            "params": param_count(art, runner), "facts": model_facts(art, runner)}
-                row = _measure(runner, art, c["label"], idx, device, batch, threads, settings, c["bundle"], c["tokenizer"], c["reference"])
-            except (CompressError, RuntimeError) as exc:   # this artifact cannot run this combination: say why
-                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-                skipped.append({"artifact": str(art.path or art.source), "label": c["label"], "device": device,
-                                "batch_size": batch, "threads": threads, "reason": reason})
-            else:
-                row.update(size_bytes=size, params=once["params"], stage=stage, **once["facts"])
-                row["metrics"] = {**once["metrics"], **row["metrics"]}
-                rows.append(row)
-            bar.advance(task)
-        del runner
-        gc.collect()
+def _bench_combination(artifacts, c: dict, runners: dict, once: dict, rows: list[dict], skipped: list[dict], bar, task) -> None:
+    """Every artifact at one device × threads × batch size: each is loaded (once per thread count), checked for
+    quality (once), warmed up, and then all are timed interleaved (:func:`time_interleaved`)."""
+    device, threads, batch, settings = c["device"], c["threads"], c["batch"], c["settings"]
+    ready: list[tuple[int, dict, Clocked]] = []
+
+    def skip(idx, exc) -> None:
+        label, art = artifacts[idx]
+        reason = exc if isinstance(exc, str) else (str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+        skipped.append({"artifact": str(art.path or art.source), "label": label, "device": device,
+                        "batch_size": batch, "threads": threads, "reason": reason})
+        bar.advance(task)
+
+    for idx, (label, art) in enumerate(artifacts):
+        bar.update(task, info=f"{label} {device} b{batch} t{threads}: warm-up")
+        try:
+            runner = runners.get(idx) or load_runner(art, device, threads)
+            runners[idx] = runner
+            if idx not in once:
+                once[idx] = {"metrics": _artifact_quality(runner, art, idx, c["bundle"], c["quality_batches"], c["reference"]),
+                             "params": param_count(art, runner), "facts": model_facts(art, runner)}
+            row, clocked = _prepare(runner, art, label, idx, device, batch, threads, settings, c["bundle"], c["tokenizer"], c["reference"])
+        except (CompressError, RuntimeError) as exc:   # this artifact cannot run this combination: say why
+            skip(idx, exc)
+            continue
+        row.update(size_bytes=size_on_disk(art), params=once[idx]["params"], stage=stage_of(art, idx == 0), **once[idx]["facts"])
+        row["metrics"] = {**once[idx]["metrics"], **row["metrics"]}
+        row["_order"] = idx
+        ready.append((idx, row, clocked))
+    errors = time_interleaved([x[2] for x in ready], settings.budget_s, settings.min_runs, settings.max_runs,
+                              on_round=lambda r: bar.update(task, info=f"{device} b{batch} t{threads}: timing, round {r + 1}/{INTERLEAVE_ROUNDS}"))
+    for i, (idx, row, clocked) in enumerate(ready):
+        if i in errors:
+            skip(idx, errors[i])
+            continue
+        row.update(clocked.timing().stats(batch))
+        row["rss_mb"] = _rss_mb()
+        row["peak_rss_mb"] = _peak_rss_mb()
+        rows.append(row)
+        bar.advance(task)
 
 
 def _skip_warnings(skipped: list[dict]) -> list[str]:
@@ -451,7 +520,8 @@ def _artifact_quality(runner, art, idx, bundle, quality_batches, reference) -> d
     return quality(outputs, labels, reference.get("quality_outputs"), bundle)
 
 
-def _measure(runner, art, label, idx, device, batch, threads, settings, bundle, tokenizer, reference) -> dict:
+def _prepare(runner, art, label, idx, device, batch, threads, settings, bundle, tokenizer, reference) -> tuple[dict, Clocked]:
+    """One row's facts and a warmed-up :class:`Clocked` for it (timed later, interleaved with the other artifacts)."""
     sets, info = timing_inputs(art, batch, bundle, tokenizer)
     metrics: dict = {}
     outputs = runner(*sets[0])
@@ -466,17 +536,14 @@ def _measure(runner, art, label, idx, device, batch, threads, settings, bundle, 
     gpu = str(device).startswith("cuda")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    timing = time_runner(runner, sets, settings.budget_s, settings.min_runs, settings.max_runs)
+    clocked = Clocked(runner, sets, settings.budget_s)
     row = {"artifact": str(art.path or art.source), "label": label, "format": art.format, "device": device,
            "batch_size": batch, "threads": threads, "baseline": idx == 0}
-    row.update(timing.stats(batch))
     row.update(info)
-    row["rss_mb"] = _rss_mb()
-    row["peak_rss_mb"] = _peak_rss_mb()
     if gpu:
-        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        row["gpu_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20     # over the warm-up: the model's own peak
     row["metrics"] = metrics
-    return row
+    return row, clocked
 
 
 def _speedups(rows: list[dict]) -> None:

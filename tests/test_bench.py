@@ -5,6 +5,7 @@ import json
 import os
 import re
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -154,6 +155,70 @@ def test_timing_cycles_through_a_fixed_set_of_input_batches():
     sets = [(torch.zeros(n, 2),) for n in (1, 2, 3)]
     t = time_runner(r, sets, budget_s=1e-6, min_runs=6, max_runs=6, warmup_cap=6)
     assert r.seen == [1, 2, 3] * ((t.warmup_runs + 6) // 3) + [1, 2, 3][: (t.warmup_runs + 6) % 3]
+
+
+class DriftRunner(SleepRunner):
+    """Sleeps ``base`` seconds, times ``clock["slow"]``: a machine whose speed drifts, shared by every runner."""
+
+    def __init__(self, base, clock):
+        super().__init__([base])
+        self.base, self.clock = base, clock
+
+    def run(self, prepared):
+        self.calls += 1
+        time.sleep(self.base * self.clock["slow"])
+        return prepared
+
+
+def test_interleaved_timing_keeps_the_ratio_when_the_machine_slows_down_halfway():
+    from compress.bench import Clocked, time_interleaved
+
+    def measure(interleave: bool) -> float:
+        clock = {"slow": 1.0}
+        a, b = DriftRunner(0.002, clock), DriftRunner(0.004, clock)       # b is truly 2x slower than a
+        ca, cb = Clocked(a, (torch.zeros(1),), budget_s=0.05), Clocked(b, (torch.zeros(1),), budget_s=0.05)
+        if interleave:
+            def drift(r):
+                clock["slow"] = 3.0 if r >= 2 else 1.0                     # the machine slows down from round 3 on
+            assert time_interleaved([ca, cb], 0.3, 10, 10_000, rounds=4, on_round=drift) == {}
+        else:
+            ca.run_for(0.3, 10, 10_000)
+            clock["slow"] = 3.0                                             # ... while b is being timed
+            cb.run_for(0.3, 10, 10_000)
+        ta, tb = ca.timing().stats(1), cb.timing().stats(1)
+        assert ta["runs"] >= 10 and tb["runs"] >= 10
+        return statistics.fmean(cb.times) / statistics.fmean(ca.times)
+
+    assert measure(interleave=False) > 4.0          # one after the other: b looks 6x slower
+    assert 1.5 < measure(interleave=True) < 2.7     # interleaved: both see the same drift, the ratio stays near 2
+
+
+def test_interleaved_slices_rotate_start_with_an_untimed_run_and_drop_a_runner_that_fails():
+    from compress.bench import Clocked, time_interleaved
+
+    calls: list = []
+
+    class Named(SleepRunner):
+        def __init__(self, name, fail_at=None):
+            super().__init__([0.0])
+            self.name, self.fail_at = name, fail_at
+
+        def run(self, prepared):
+            self.calls += 1
+            if self.fail_at is not None and self.calls >= self.fail_at:
+                raise RuntimeError("device lost")
+            calls.append(self.name)
+            return prepared
+
+    x, y, z = Named("x"), Named("y"), Named("z", fail_at=7)    # z: 2 warm-up runs, then fails in its 2nd slice
+    cs = [Clocked(r, (torch.zeros(1),), budget_s=1e-6, warmup_cap=10) for r in (x, y, z)]
+    calls.clear()
+    errors = time_interleaved(cs, 1e-6, 6, 6, rounds=3, on_round=lambda r: calls.append("|"))
+    assert errors == {2: "device lost"}
+    rounds = ["".join(dict.fromkeys(chunk)) for chunk in "".join(calls).split("|")[1:]]
+    assert rounds == ["xyz", "yzx", "xy"]          # the order rotates; z is dropped after failing in round 2
+    assert len(cs[0].times) == len(cs[1].times) == 6
+    assert x.calls - cs[0].warmup_runs == 6 + 3     # 6 timed runs + 1 untimed run before each of 3 slices
 
 
 def test_harness_median_agrees_with_torch_utils_benchmark():
