@@ -184,25 +184,25 @@ def time_runner(runner, inputs, budget_s: float = 2.0, min_runs: int = 10, max_r
 
 
 def time_interleaved(clocked: list[Clocked], budget_s: float, min_runs: int, max_runs: int, rounds: int = INTERLEAVE_ROUNDS,
-                     on_round=None) -> dict[int, str]:
+                     on_round=None) -> dict[int, Exception]:
     """Give every runner ``budget_s`` of timed runs in ``rounds`` slices, round-robin with the order rotating each
     round and one untimed run before each slice, so all of them share the machine's drifts (clock boosts,
-    neighbours on a VM) and their ratios hold. Returns {index: error} for runners that failed while timing."""
-    errors: dict[int, str] = {}
+    neighbours on a VM) and their ratios hold. Returns {index: exception} for runners that failed while timing."""
+    errors: dict[int, Exception] = {}
     for r in range(rounds):
         if on_round:
             on_round(r)
         order = list(range(len(clocked)))
         order = order[r % len(order):] + order[:r % len(order)] if order else []
+        share = (r + 1) / rounds
         for i in order:
             if i in errors:
                 continue
-            share = (r + 1) / rounds
             try:
                 clocked[i].run_for(budget_s / rounds, math.ceil(min_runs * share), max(1, math.ceil(max_runs * share)),
                                    at_least=1, untimed=True)
             except RuntimeError as exc:
-                errors[i] = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                errors[i] = exc
     return errors
 
 
@@ -446,9 +446,9 @@ def _bench_combination(artifacts, c: dict, runners: dict, once: dict, rows: list
     device, threads, batch, settings = c["device"], c["threads"], c["batch"], c["settings"]
     ready: list[tuple[int, dict, Clocked]] = []
 
-    def skip(idx, exc) -> None:
+    def skip(idx, exc: Exception) -> None:
         label, art = artifacts[idx]
-        reason = exc if isinstance(exc, str) else (str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__)
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         skipped.append({"artifact": str(art.path or art.source), "label": label, "device": device,
                         "batch_size": batch, "threads": threads, "reason": reason})
         bar.advance(task)
@@ -460,12 +460,13 @@ def _bench_combination(artifacts, c: dict, runners: dict, once: dict, rows: list
             runners[idx] = runner
             if idx not in once:
                 once[idx] = {"metrics": _artifact_quality(runner, art, idx, c["bundle"], c["quality_batches"], c["reference"]),
-                             "params": param_count(art, runner), "facts": model_facts(art, runner)}
+                             "params": param_count(art, runner), "facts": model_facts(art, runner),
+                             "size_bytes": size_on_disk(art), "stage": stage_of(art, idx == 0)}
             row, clocked = _prepare(runner, art, label, idx, device, batch, threads, settings, c["bundle"], c["tokenizer"], c["reference"])
         except (CompressError, RuntimeError) as exc:   # this artifact cannot run this combination: say why
             skip(idx, exc)
             continue
-        row.update(size_bytes=size_on_disk(art), params=once[idx]["params"], stage=stage_of(art, idx == 0), **once[idx]["facts"])
+        row.update(size_bytes=once[idx]["size_bytes"], params=once[idx]["params"], stage=once[idx]["stage"], **once[idx]["facts"])
         row["metrics"] = {**once[idx]["metrics"], **row["metrics"]}
         row["_order"] = idx
         ready.append((idx, row, clocked))
@@ -565,11 +566,11 @@ def warnings_for(rows: list[dict], env: dict | None = None) -> list[str]:
     """Flag noisy measurements and every stage that did not make the model faster, with the likely cause."""
     out = []
     vnni = (env or {}).get("vnni", has_vnni())
-    noisy = [r for r in rows if _spread(r) > NOISY_CV]
+    noisy = [r for r in rows if r["spread"] > NOISY_CV]
     if noisy:
-        worst = max(noisy, key=_spread)
+        worst = max(noisy, key=lambda r: r["spread"])
         out.append(f"{len(noisy)} of {len(rows)} row(s) are too noisy to trust: timings spread by more than {NOISY_CV:.0%} "
-                   f"(interquartile range / 1.349 / median; worst {_spread(worst):.0%} for {_where(worst)}); close other programs, "
+                   f"(interquartile range / 1.349 / median; worst {worst['spread']:.0%} for {_where(worst)}); close other programs, "
                    "give a longer --budget and rerun")
     for r in rows:
         s = r.get("speedup_vs_source")
@@ -578,10 +579,6 @@ def warnings_for(rows: list[dict], env: dict | None = None) -> list[str]:
             cause = likely_cause(r, vnni)
             out.append(f"{_where(r)}: {what} ({s:.2f}x)" + (f"; likely cause: {cause}" if cause else ""))
     return out
-
-
-def _spread(row: dict) -> float:
-    return row["spread"] if row.get("spread") is not None else row.get("cv", 0.0)   # rows from older reports have cv only
 
 
 def likely_cause(row: dict, vnni: bool | None = None) -> str | None:
@@ -600,7 +597,7 @@ def likely_cause(row: dict, vnni: bool | None = None) -> str | None:
                 "work on zeros; use structured pruning (--method structured) to remove whole channels")
     if row.get("padded"):
         return "this artifact has a static sequence length, so it ran on padded text while the source ran at natural length"
-    if _spread(row) > NOISY_CV:
+    if row["spread"] > NOISY_CV:
         return "the measurement is noisy; rerun before drawing conclusions"
     if row["batch_size"] == 1 and row["p50_ms"] < 0.2:
         return "the model is so small that per-call overhead dominates"
@@ -721,7 +718,7 @@ LEFT = ("artifact", "stage", "format", "device", "accuracy / fidelity")
 
 def table_rows(report: dict) -> list[list[str]]:
     return [[r["label"], r["stage"], r["format"], r["device"], str(r["batch_size"]), str(r["threads"]), f"{r['p50_ms']:.3f}",
-             f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{_spread(r):.0%}", f"{r['throughput_per_s']:.1f}",
+             f"{r['p90_ms']:.3f}", f"{r['p99_ms']:.3f}", f"{r['spread']:.0%}", f"{r['throughput_per_s']:.1f}",
              f"{r['speedup_vs_source']:.2f}x" if r.get("speedup_vs_source") else "-", format_size(r["size_bytes"]),
              _count(r.get("params")), _fmt_metrics(r["metrics"])] for r in report["rows"]]
 

@@ -215,7 +215,7 @@ def test_interleaved_slices_rotate_start_with_an_untimed_run_and_drop_a_runner_t
     cs = [Clocked(r, (torch.zeros(1),), budget_s=1e-6, warmup_cap=10) for r in (x, y, z)]
     calls.clear()
     errors = time_interleaved(cs, 1e-6, 6, 6, rounds=3, on_round=lambda r: calls.append("|"))
-    assert errors == {2: "device lost"}
+    assert {i: str(e) for i, e in errors.items()} == {2: "device lost"}
     rounds = ["".join(dict.fromkeys(chunk)) for chunk in "".join(calls).split("|")[1:]]
     assert rounds == ["xyz", "yzx", "xy"]          # the order rotates; z is dropped after failing in round 2
     assert len(cs[0].times) == len(cs[1].times) == 6
@@ -330,7 +330,7 @@ def test_a_static_batch_onnx_file_is_skipped_at_other_batch_sizes_with_the_reaso
 
 
 def test_slow_stages_are_flagged_with_their_likely_cause():
-    base = {"label": "x", "format": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "p50_ms": 5.0, "cv": 0.01,
+    base = {"label": "x", "format": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "p50_ms": 5.0, "cv": 0.01, "spread": 0.01,
             "baseline": False, "metrics": {}}
     rows = [dict(base, label="src", baseline=True, speedup_vs_source=1.0, stage="source"),
             dict(base, label="fp16", stage="quantize", weights_dtype="float16", speedup_vs_source=0.4),
@@ -338,7 +338,7 @@ def test_slow_stages_are_flagged_with_their_likely_cause():
             dict(base, label="sparse", stage="prune", zero_fraction=0.7, speedup_vs_source=1.01),
             dict(base, label="int8", format="onnx", stage="quantize", weights_dtype="int8", speedup_vs_source=1.0),
             dict(base, label="fast", stage="prune", speedup_vs_source=1.8),
-            dict(base, label="noisy", stage="export", cv=0.4, speedup_vs_source=1.3)]
+            dict(base, label="noisy", stage="export", cv=0.4, spread=0.4, speedup_vs_source=1.3)]
     w = bench.warnings_for(rows, {"vnni": False})
     assert any(s.startswith("fp16 ") and "slower than the source (0.40x)" in s and "float16 on a CPU" in s for s in w)
     assert any(s.startswith("dyn ") and "no faster" in s and "52 convolution(s) stay fp32" in s for s in w)
@@ -355,7 +355,7 @@ def test_dynamic_quantized_convolutions_are_recognised_as_the_cause():
     q = torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
     facts = bench.model_facts(Artifact("torch-quantized", [], "t", model=q, stages=[{"stage": "quantize", "method": "dynamic"}]))
     assert facts == {"method": "dynamic", "weights_dtype": "int8", "zero_fraction": 0.0, "fp32_convs": 2}
-    row = {"device": "cpu", "stage": "quantize", "batch_size": 1, "p50_ms": 1.0, "cv": 0.0, **facts}
+    row = {"device": "cpu", "stage": "quantize", "batch_size": 1, "p50_ms": 1.0, "cv": 0.0, "spread": 0.0, **facts}
     assert "convolution(s) stay fp32" in bench.likely_cause(row, vnni=True)
     # packed int8 weights still count as parameters
     assert bench.param_count(Artifact("torch-quantized", [], "t", model=q)) == sum(p.numel() for p in model.parameters())
@@ -416,7 +416,7 @@ def test_cli_bench_prints_the_table_and_writes_json_markdown_and_html(files, tmp
 
 def test_html_falls_back_to_the_table_without_matplotlib(monkeypatch):
     row = {"label": "a", "stage": "source", "format": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "p50_ms": 1.0,
-           "p90_ms": 1.2, "p99_ms": 1.5, "cv": 0.05, "throughput_per_s": 1000.0, "speedup_vs_source": 1.0, "size_bytes": 2048,
+           "p90_ms": 1.2, "p99_ms": 1.5, "cv": 0.05, "spread": 0.05, "throughput_per_s": 1000.0, "speedup_vs_source": 1.0, "size_bytes": 2048,
            "params": 10, "metrics": {}, "baseline": True}
     report = {"env": {"cpu": "x"}, "rows": [row], "warnings": [], "peak_rss_mb": 100.0}
     assert "<svg" in bench.html(report)
