@@ -1,30 +1,46 @@
-"""The ``compress`` command line: a thin layer over :func:`compress.pipeline.run` and :mod:`compress.bench`.
+"""The ``compress`` command line: a thin layer over the library (:mod:`compress.plan`, :mod:`compress.pipeline`,
+:mod:`compress.bench`) that owns the terminal — rich output, progress bars, log lines — and the exit codes.
 
 Every stage command builds a one-stage pipeline and runs the same code as ``compress run PIPELINE.yaml``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
-
+from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
-from compress import __version__
 from compress.errors import CompressError, StagesKept
+from compress.progress import Progress, Task
+from compress.version import __version__
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
-STATE = {"debug": False, "force": False, "quiet": False}
+
+
+@dataclass
+class Flags:
+    """The global flags of one invocation (they may stand before or after the command)."""
+    debug: bool = False
+    force: bool = False
+    quiet: bool = False
+
+
+def _flags() -> Flags:
+    return click.get_current_context().find_object(Flags) or Flags()
 
 
 def _flag(name: str, help: str):
     def callback(ctx, param, value):
         if value:
-            STATE[name] = True
+            setattr(ctx.ensure_object(Flags), name, True)
         return value
     return click.option(f"--{name}", is_flag=True, expose_value=False, is_eager=True, callback=callback, help=help)
 
@@ -34,6 +50,83 @@ def global_flags(fn):
     fn = _flag("force", "Allow replacing an existing OUT.")(fn)
     fn = _flag("debug", "Show tracebacks for errors.")(fn)
     return fn
+
+
+# ---------------------------------------------------------------- the terminal: messages on stderr, tables on stdout
+def console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def out_console() -> Console:
+    return Console(highlight=False, width=200 if not sys.stdout.isatty() else None)
+
+
+class _RichTask(Task):
+    def __init__(self, bar, task_id):
+        self.bar, self.id = bar, task_id
+
+    def advance(self, steps: int = 1, info: str = "") -> None:
+        self.bar.update(self.id, advance=steps, **({"info": info} if info else {}))
+
+
+class RichProgress(Progress):
+    """Progress bars and spinners on stderr (only on a terminal), a line per finished stage (unless --quiet)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.con = quiet, console()
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None, completed: int = 0):
+        from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bars
+
+        with Bars(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.con, transient=True, disable=self.quiet) as bar:
+            yield _RichTask(bar, bar.add_task(description, total=total, completed=completed, info=""))
+
+    @contextlib.contextmanager
+    def stage(self, description: str):
+        if self.quiet or not self.con.is_terminal:
+            yield
+            return
+        with self.con.status(description):
+            yield
+
+    def done(self, description: str, seconds: float) -> None:
+        if not self.quiet:
+            self.con.print(f"[green]✓[/green] {escape(description)} in {seconds:.1f}s")
+
+
+class _LogLines(logging.Handler):
+    """The library's log records as one line each: notes dimmed (hidden by --quiet), warnings always."""
+
+    def __init__(self, flags: Flags):
+        super().__init__(logging.INFO)
+        self.flags = flags
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING and self.flags.quiet:
+            return
+        text = escape(one_line(record.getMessage()))
+        console().print(f"[yellow]warning:[/yellow] {text}" if record.levelno >= logging.WARNING else f"[dim]{text}[/dim]", soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _logging(flags: Flags):
+    handler = _LogLines(flags)
+    loggers = [logging.getLogger(n) for n in ("compress", "exporters")]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+        lg.propagate = False
+    try:
+        yield
+    finally:
+        for lg, (level, propagate) in zip(loggers, saved):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def model_options(fn):
@@ -72,34 +165,58 @@ def _sets(pairs) -> dict:
 def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str, resume: bool = False):
     from compress.pipeline import run
 
-    from compress.ui import console
-
     doc = {"model": model, "stages": [{stage: {k: v for k, v in options.items() if v is not None}}]}
     if data:
         doc["data"] = data
-    result = run(doc, out, force=STATE["force"], resume=resume, quiet=STATE["quiet"], where=f"compress {stage}")
-    if not STATE["quiet"]:
+    flags = _flags()
+    result = run(doc, out, force=flags.force, resume=resume, progress=RichProgress(flags.quiet), where=f"compress {stage}")
+    if not flags.quiet:
         metrics = result.final.stages[-1].get("metrics", {}) if result.final.stages else {}
         _print_metrics(stage, metrics)
         console().print(escape(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name})"))
     return result
 
 
+def _table(title: str, columns, rows, right=(), **kw) -> Table:
+    """A rich table of plain-text cells (escaped); ``right``: the columns aligned right."""
+    t = Table(title=title, **kw)
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left")
+    for r in rows:
+        t.add_row(*(escape(str(c)) for c in r))
+    return t
+
+
 def _print_metrics(stage: str, metrics: dict) -> None:
-    if not metrics:
-        return
-    from rich.table import Table
+    if metrics.get("sweep"):
+        keys = [k for k in ("amount", "params", "macs", "sparsity", "p50_ms", "accuracy", "cosine", "top1_agreement")
+                if any(r.get(k) is not None for r in metrics["sweep"])]
+        cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v  # noqa: E731
+        out_console().print(_table("pruning sensitivity sweep", keys, [[cell(r.get(k)) for k in keys] for r in metrics["sweep"]], right=keys))
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    if rows:
+        out_console().print(_table(f"{stage} metrics", ("metric", "value"), rows, right=("value",)))
 
-    from compress.ui import out_console
 
-    t = Table(title=f"{stage} metrics", show_header=True)
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for k, v in metrics.items():
-        if isinstance(v, (dict, list)):
-            continue
-        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+def _print_bench(report) -> None:
+    from compress.diagnosis import NOT_FASTER
+    from compress.report import HEADERS, LEFT, footer, table_rows
+
+    t = Table(title="compress bench", caption=footer(report), show_lines=False)
+    for h in HEADERS:
+        t.add_column(h, justify="left" if h in LEFT else "right")
+    for r, cells in zip(report.rows, table_rows(report)):
+        s = r.get("speedup_vs_source")
+        cells = [escape(c) for c in cells]
+        if s is not None and not r["baseline"]:
+            color = "red" if s < 1 / NOT_FASTER else "yellow" if s < NOT_FASTER else "green"
+            cells[11] = f"[{color}]{cells[11]}[/{color}]"
+        t.add_row(*cells)
     out_console().print(t)
+    for w in report.warnings:
+        console().print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
+    for line in report.recommendations:
+        console().print(f"[cyan]serving:[/cyan] {escape(line)}", soft_wrap=True)
 
 
 OUT_OPTION = click.option("-o", "--out", required=True, type=click.Path(), help="Output directory (a run directory).")
@@ -153,7 +270,7 @@ Examples:
   compress distill small.pt --arch torchvision:mobilenet_v3_small --teacher big.pt --data imagefolder:train -o runs/kd
   compress distill zoo:minilm-l6 --student-layers 3 --data rotten-tomatoes -s steps=500 -o runs/minilm-l3
   compress distill runs/pruned --teacher runs/base --data digits --resume -o runs/kd      (after Ctrl-C)
-  torchrun --nproc_per_node 2 -m compress.cli distill runs/pruned --teacher runs/base --data digits -o runs/kd
+  torchrun --nproc_per_node 2 --no-python compress distill runs/pruned --teacher runs/base --data digits -o runs/kd
 """)
 @click.argument("source")
 @model_options
@@ -248,47 +365,48 @@ def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, t
     The first SOURCE is the baseline for speedups and fidelity; when it is a run directory whose manifest
     names an earlier source that can still be loaded, that source is benched first as the baseline.
     """
-    from compress import sources as src_mod
-    from compress.bench import BenchSettings, bench_artifacts, write_reports
-    from compress.ui import console
+    import dataclasses
 
+    from compress.bench import BenchSettings, bench_artifacts
+    from compress.report import write_reports
+    from compress.sources import ModelSpec, load_model
+
+    flags = _flags()
     settings = BenchSettings.from_options({"device": device, "batch_size": batch_size, "threads": threads, "budget_s": budget,
                                            "max_runs": max_runs, "min_runs": min(10, max_runs), "limit": limit,
                                            "json": json_path, "markdown": markdown, "html": html}, data)
     for path in (json_path, markdown, html):
-        if path and Path(path).exists() and not STATE["force"]:
+        if path and Path(path).exists() and not flags.force:
             raise CompressError(f"{path} already exists", "Pass --force to replace it")
-    artifacts = []
-    for s in _expand_run_dirs(sources):
-        art = src_mod.load(s, arch, arch_args, input_shape, static_shapes, trust_pickle, example_input)
-        artifacts.append((Path(s).name or s, art))
-    baseline = _manifest_baseline(artifacts[0][1], input_shape)
+    options = ModelSpec.parse("", arch, arch_args, input_shape, example_input, static_shapes, trust_pickle)   # parsed once, for every SOURCE
+    artifacts = [(Path(s).name or s, load_model(dataclasses.replace(options, source=s))) for s in _expand_run_dirs(sources)]
+    baseline = _manifest_baseline(artifacts[0][1], options)
     if baseline is not None:
         artifacts.insert(0, ("source", baseline))
     else:
         artifacts[0] = ("source", artifacts[0][1])
-    report = bench_artifacts(artifacts, settings, quiet=STATE["quiet"])
+    report = bench_artifacts(artifacts, settings, progress=RichProgress(flags.quiet))
+    if not flags.quiet:
+        _print_bench(report)
     for p in write_reports(report, None, settings):
-        console().print(f"wrote {p}")
+        console().print(escape(f"wrote {p}"))
 
 
-def _manifest_baseline(first, input_shape):
+def _manifest_baseline(first, options):
     """The earlier source a run directory's manifest names (e.g. zoo:mobilenet_v2), loaded, or None."""
-    from compress import sources as src_mod
+    from compress.sources import ModelSpec, load_model
 
     if not first.stages or not first.source:
         return None
     arch = first.arch or {}
-    shapes = list(input_shape) or [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in first.input_spec]
+    own = not str(first.source).startswith(("zoo:", "hf:"))   # a built-in or transformers source knows its architecture
+    spec = ModelSpec(first.source, arch.get("spec") if own else None, (arch.get("args") or {}) if own else {},
+                     options.inputs or tuple(first.input_spec))
     try:
-        return src_mod.load(first.source, arch.get("spec") if not str(first.source).startswith(("zoo:", "hf:")) else None,
-                            arch.get("args") or None, shapes)
+        return load_model(spec)
     except CompressError as exc:
-        if not STATE["quiet"]:
-            from compress.ui import console
-
-            console().print(f"[dim]baseline: the manifest's source {first.source} cannot be loaded ({exc.what}); "
-                            f"using the first SOURCE[/dim]", soft_wrap=True)
+        logging.getLogger("compress.bench").info("baseline: the manifest's source %s cannot be loaded (%s); using the first SOURCE",
+                                                 first.source, exc.what)
         return None
 
 
@@ -316,13 +434,16 @@ Examples:
 @global_flags
 def run(pipeline, out, sets, resume):
     """Run a pipeline file: stages in order, then a bench over every stage."""
-    from compress.pipeline import apply_sets, read_pipeline, run as run_pipeline
-    from compress.ui import console
+    from compress.pipeline import run as run_pipeline
+    from compress.plan import apply_sets, read_pipeline
 
+    flags = _flags()
     doc = apply_sets(read_pipeline(pipeline), sets)
     out = out or str(Path("runs") / Path(pipeline).stem)
-    result = run_pipeline(doc, out, force=STATE["force"], resume=resume, quiet=STATE["quiet"], where=str(pipeline))
-    if not STATE["quiet"]:
+    result = run_pipeline(doc, out, force=flags.force, resume=resume, progress=RichProgress(flags.quiet), where=str(pipeline))
+    if result.report is not None and not flags.quiet:
+        _print_bench(result.report)
+    if not flags.quiet:
         console().print(escape(f"wrote {result.out}/" + (f" — report: {result.out / 'report.html'}" if result.report else "")))
 
 
@@ -336,8 +457,7 @@ Examples:
 @global_flags
 def validate(pipeline, sets):
     """Check a pipeline file and report every problem at once, before anything runs."""
-    from compress.pipeline import ValidationError, apply_sets, check, read_pipeline
-    from compress.ui import console
+    from compress.plan import ValidationError, apply_sets, check, read_pipeline
 
     doc = apply_sets(read_pipeline(pipeline), sets)
     try:
@@ -360,55 +480,31 @@ Examples:
 @global_flags
 def ls_cmd(stage):
     """List stages and their methods, built-in models and data sets, and shipped pipeline configs."""
-    from rich.table import Table
-
     from compress import registry
     from compress.data import BUILTIN
-    from compress.pipeline import shipped_configs
-    from compress.ui import out_console
+    from compress.plan import shipped_configs
     from compress.zoo import ZOO
 
     if stage and stage not in registry.STAGES:
         raise CompressError(f"'{stage}' is not a stage", f"Stages: {', '.join(registry.STAGES)}")
     con = out_console()
-    t = Table(title="methods")
-    for h in ("stage", "method", "takes", "gives", "installed", "summary"):
-        t.add_column(h)
+    rows = []
     for st in ([stage] if stage else registry.STAGES):
         ms = registry.methods(st)
-        if not ms:
-            t.add_row(st, "-", "", "", "", "no method could be loaded")
+        rows += [] if ms else [(st, "-", "", "", "", "no method could be loaded")]
         for m in ms:
-            missing = m.missing()
-            inst = "yes" if not missing else "no: pip install " + " ".join(f"'compress[{e}]'" if e else mod for mod, e in missing)
-            produces = m.produces if isinstance(m.produces, str) else "depends"
-            t.add_row(*(escape(str(c)) for c in (st, m.name, ",".join(m.accepts), produces, inst, m.summary)))
-    con.print(t)
+            inst = "yes" if not m.missing() else "no: pip install " + " ".join(f"'compress[{e}]'" if e else mod for mod, e in m.missing())
+            rows.append((st, m.name, ",".join(m.accepts), m.produces if isinstance(m.produces, str) else "depends", inst, m.summary))
+    con.print(_table("methods", ("stage", "method", "takes", "gives", "installed", "summary"), rows))
     if stage:
         return
-    z = Table(title="built-in models (SOURCE zoo:NAME)")
-    z.add_column("name")
-    z.add_column("summary")
-    for k, v in ZOO.items():
-        z.add_row(f"zoo:{k}", v["summary"])
-    con.print(z)
-    d = Table(title="built-in data sets (--data NAME)")
-    d.add_column("name")
-    d.add_column("summary")
-    d.add_column("installed")
-    for k, b in BUILTIN.items():
-        missing = b.missing()
-        d.add_row(k, b.summary, escape("yes" if not missing else f"no: {missing}"))
-    con.print(d)
+    con.print(_table("built-in models (SOURCE zoo:NAME)", ("name", "summary"), [(f"zoo:{k}", v["summary"]) for k, v in ZOO.items()]))
+    con.print(_table("built-in data sets (--data NAME)", ("name", "summary", "installed"),
+                     [(k, b.summary, "yes" if not b.missing() else f"no: {b.missing()}") for k, b in BUILTIN.items()]))
     configs = shipped_configs()
     if configs:
-        c = Table(title="shipped pipelines (compress run NAME, or a copy of the file)")
-        c.add_column("name")
-        c.add_column("file")
-        c.add_column("what it does")
-        for name, text in configs.items():
-            c.add_row(name, f"configs/{name}.yaml", escape(_first_comment(text)))
-        con.print(c)
+        con.print(_table("shipped pipelines (compress run NAME, or a copy of the file)", ("name", "file", "what it does"),
+                         [(name, f"configs/{name}.yaml", _first_comment(text)) for name, text in configs.items()]))
 
 
 def _first_comment(yaml_text: str) -> str:
@@ -441,15 +537,18 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    STATE.update(debug="--debug" in argv, force=False, quiet=False)
+    flags = Flags(debug="--debug" in argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    if not STATE["debug"]:
+    if not flags.debug:
         # Libraries' internal deprecation chatter (e.g. torch's pytree notices when torchao is imported) is not for users.
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    from compress.ui import console
+    with _logging(flags):
+        return _main(argv, flags)
 
+
+def _main(argv: list[str], flags: Flags) -> int:
     try:
-        rv = cli.main(args=argv, prog_name="compress", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="compress", standalone_mode=False, obj=flags)
         return rv if isinstance(rv, int) else 0
     except click.exceptions.NoArgsIsHelpError as exc:
         click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
@@ -460,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort, Terminated) as exc:
-        kept = getattr(exc, "kept_stages", None)
+        # click turns Ctrl-C into Abort; the interrupt it came from carries what the pipeline kept
+        kept = getattr(exc, "kept_stages", None) or getattr(exc.__cause__ or exc.__context__, "kept_stages", None)
         if kept:
             console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
                             soft_wrap=True)
@@ -468,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             console().print("[red]interrupted[/red]: nothing half-written was left behind")
         return 130
     except CompressError as exc:
-        if STATE["debug"]:
+        if flags.debug:
             traceback.print_exc()
         if isinstance(exc, StagesKept):
             exc.fix = f"Fix the problem and rerun {rerun_command(argv)} to continue from them"
@@ -477,9 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
-        if STATE["debug"]:
+        if flags.debug:
             traceback.print_exc()
-        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        from compress.errors import first_line
+
+        msg = first_line(exc, 300) if str(exc).strip() else ""
         console().print(f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(one_line(msg))} (rerun with --debug for the traceback; please report it)", soft_wrap=True)
         return 1
 

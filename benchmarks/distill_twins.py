@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compress.pipeline import run  # noqa: E402
+from compress import run  # noqa: E402
 
 
 def fmnist_cases(quick: bool) -> dict:
@@ -66,7 +66,7 @@ def one(model: dict, before: list, distill: dict, data: str, seed: int, alpha: f
     d = {**distill, "seed": seed, **({"alpha": alpha} if alpha is not None else {})}
     doc = {"model": model, "data": data, "seed": seed, "stages": [*before, {"distill": d}]}
     t = time.perf_counter()
-    res = run(doc, work / f"{seed}-{alpha}", quiet=True, force=True)
+    res = run(doc, work / f"{seed}-{alpha}", force=True)
     m = res.final.stages[-1]["metrics"]
     return {"seed": seed, "alpha": m["alpha"], "accuracy": m["student_accuracy_after"], "teacher_accuracy": m["teacher_accuracy"],
             "start_accuracy": m.get("student_accuracy_before"), "params_student": m.get("params_student"),

@@ -3,10 +3,11 @@
 A *variant* is one way to serve a model (compress's artifact, or a peer tool's), with a loader that gives a
 runner for a thread count. A runner has ``prepare(inputs) -> prepared`` (host-side conversion, not timed) and
 ``run(prepared)`` (timed). :func:`measure` runs *phases* (batch size × threads × input sets): in each phase all
-variants are loaded with that thread count, warmed up on every input set, then timed round-robin — each round
-gives every variant one untimed run (to clear the previous variant's cache and spinning threads) and then
-``runs`` timed runs, and the variant order rotates every round — so a noisy machine slows them all alike and
-their ratios hold. Every variant sees the same inputs in the same order.
+variants are loaded with that thread count and timed by compress's own engine (:mod:`compress.timing`, the one
+``compress bench`` uses): warmed up on every input set, then timed round-robin — each round gives every variant
+one untimed run (to clear the previous variant's cache and spinning threads) and then ``runs`` timed runs, and the
+variant order rotates every round — so a noisy machine slows them all alike and their ratios hold. Every variant
+sees the same inputs in the same order.
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-from compress.bench import format_size
+from compress import timing
+from compress.report import format_size
+from compress.timing import Clocked, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
@@ -142,67 +145,43 @@ def _reset_compiled() -> None:
 def time_interleaved(runners: dict[str, Any], inputs: list[tuple], rounds: int, runs: int, warmup: int = 2,
                      log: Callable[[str], None] | None = None,
                      budget_s: float | None = None) -> tuple[dict[str, list[float]], dict[str, str], dict[str, float]]:
-    """Time every runner on the same inputs, interleaved round-robin. Returns (times_ms, errors, warm-up seconds).
+    """Time every runner on the same inputs with compress's timing engine (:mod:`compress.timing`), interleaved
+    round-robin in ``rounds`` rotating slices. Returns (times_ms, errors, warm-up seconds).
 
-    Each variant cycles through ``inputs`` in order. With ``budget_s``, a variant stops a round's runs early (after
-    at least one) once its timed total passes its share of the budget so far: cheap variants still get every run, a
-    slow one fewer, and every round still samples every variant."""
+    Each variant cycles through ``inputs`` in order and gets ``runs`` timed runs a round (after one untimed run). With
+    ``budget_s``, a variant stops a round's runs early (after at least one) once its slice of the budget is spent:
+    cheap variants still get every run, a slow one fewer, and every round still samples every variant."""
     errors: dict[str, str] = {}
     warm_s: dict[str, float] = {}
-    prepared: dict[str, list] = {}
-    n = len(inputs)
-    with torch.inference_mode():
-        for name, r in runners.items():
-            t0 = time.perf_counter()
-            try:
-                prepared[name] = [r.prepare(x) for x in inputs]
-                for _ in range(max(1, warmup)):
-                    for p in prepared[name]:
-                        r.run(p)
-            except Exception as exc:  # noqa: BLE001 - a peer failing to run is a result, not a crash
-                errors[name] = short_error(exc)
-                if log:
-                    log(f"  {name}: failed while warming up: {errors[name]}")
-            warm_s[name] = time.perf_counter() - t0
-        live = [k for k in runners if k not in errors]
-        times: dict[str, list[float]] = {k: [] for k in live}
-        clock = time.perf_counter_ns
-        for rnd in range(rounds):
-            order = live[rnd % len(live):] + live[:rnd % len(live)] if live else []
-            for name in order:
-                if name in errors:
-                    continue
-                r, ps, done = runners[name], prepared[name], times[name]
-                share = None if budget_s is None else budget_s * 1e3 * (rnd + 1) / rounds
-                try:
-                    r.run(ps[len(done) % n])             # untimed: clears what the previous variant left behind
-                    for k in range(runs):
-                        if k and share is not None and sum(done) >= share:
-                            break
-                        p = ps[len(done) % n]
-                        t0 = clock()
-                        r.run(p)
-                        done.append((clock() - t0) / 1e6)
-                except Exception as exc:  # noqa: BLE001
-                    errors[name] = short_error(exc)
-                    times.pop(name, None)
-                    if log:
-                        log(f"  {name}: failed while timing: {errors[name]}")
-    return {k: v for k, v in times.items() if k not in errors}, errors, warm_s
+    clocked: dict[str, Clocked] = {}
+    for name, r in runners.items():
+        t0 = time.perf_counter()
+        try:
+            # a fixed warm-up (two windows, or what the budget allows), the same for every variant: their timed runs
+            # then start at the same input, so every variant sees the same inputs in the same order
+            clocked[name] = Clocked(r, list(inputs), budget_s=budget_s or 10.0, warmup_cap=max(1, warmup) * len(inputs), settle=math.inf)
+        except Exception as exc:  # noqa: BLE001 - a peer failing to run is a result, not a crash
+            errors[name] = short_error(exc)
+            if log:
+                log(f"  {name}: failed while warming up: {errors[name]}")
+        warm_s[name] = time.perf_counter() - t0
+    live = list(clocked)
+    total = runs * rounds
+    failed = timing.time_interleaved([clocked[k] for k in live], math.inf if budget_s is None else budget_s,
+                                     total if budget_s is None else rounds, total, rounds=rounds)
+    for i, exc in failed.items():
+        errors[live[i]] = short_error(exc)
+        if log:
+            log(f"  {live[i]}: failed while timing: {errors[live[i]]}")
+    return {k: clocked[k].timing().times_ms for k in live if k not in errors}, errors, warm_s
 
 
 def stats(times_ms: list[float], batch: int) -> dict:
     t = sorted(times_ms)
     mean = statistics.fmean(t)
-    return {"p50_ms": _pct(t, 50), "p90_ms": _pct(t, 90), "p99_ms": _pct(t, 99), "mean_ms": mean, "min_ms": t[0],
+    return {"p50_ms": percentile(t, 50), "p90_ms": percentile(t, 90), "p99_ms": percentile(t, 99), "mean_ms": mean, "min_ms": t[0],
             "cv": (statistics.stdev(t) / mean) if len(t) > 1 and mean else 0.0, "runs": len(t),
             "throughput_per_s": batch * 1000.0 / mean if mean else None}
-
-
-def _pct(sorted_times: list[float], q: float) -> float:
-    k = (len(sorted_times) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return sorted_times[lo] + (sorted_times[hi] - sorted_times[lo]) * (k - lo)
 
 
 def measure(variants: list[Variant], phases: list[Phase], evaluate: Callable[[Any], dict] | None = None,

@@ -87,13 +87,13 @@ def _describe(art) -> str:
 def compress_candidates(doc: dict, out: Path, s: Settings, notes: list[str], ran: Callable[[list[Variant], float], str]) -> list[Variant]:
     """Run the pipeline; every artifact it wrote is a candidate. Its compression time is the sum of its stages' seconds.
     ``ran(candidates, wall_seconds)`` is the note for a run that worked; a failed run is one failed row and a note."""
-    from compress import pipeline
+    import compress
     from compress.runners import load_runner
 
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     try:
-        result = pipeline.run(doc, out, force=True, quiet=True)
+        result = compress.run(doc, out, force=True)
         wall = time.perf_counter() - t0
         variants = []
         for label, art in result.artifacts[1:]:
@@ -223,7 +223,7 @@ def text_suite(s: Settings) -> dict:
     from compress import arch as arch_mod
     from compress.arch import HFModel
     from compress.data import load_data
-    from compress.sources import read_state_dict
+    from compress.checkpoints import read_state_dict
 
     notes: list[str] = []
     path = _minilm_dir()
@@ -327,11 +327,11 @@ def _best_compress_text(rows, metric) -> str:
 
 # ---------------------------------------------------------------- vision (MobileNetV2)
 def vision_suite(s: Settings) -> dict:
-    from compress import sources
+    import compress
     from compress.data import load_data
 
     notes: list[str] = []
-    teacher = sources.load("zoo:mobilenet_v2").model.eval()
+    teacher = compress.load("zoo:mobilenet_v2").model.eval()
     photos = load_data("photos")
     calib_x = torch.stack([photos.train[i][0] for i in range(len(photos.train))])
     eval_x = torch.stack([photos.eval[i][0] for i in range(len(photos.eval))])
@@ -389,7 +389,7 @@ def _fmnist_teacher(s: Settings, bundle, notes: list[str]) -> dict:
     from compress.zoo import resolve
 
     try:
-        entry = resolve("fmnist-resnet")
+        resolve("fmnist-resnet")
         notes.append("teacher: zoo:fmnist-resnet (benchmarks/train_fmnist.py)")
         return {"source": "zoo:fmnist-resnet"}
     except CompressError as exc:
@@ -421,13 +421,14 @@ def _fmnist_teacher(s: Settings, bundle, notes: list[str]) -> dict:
 
 
 def fmnist_suite(s: Settings) -> dict:
-    from compress import sources
+    import compress
     from compress.data import load_data
 
     notes: list[str] = []
     bundle = load_data("fashion-mnist")
     model_doc = _fmnist_teacher(s, bundle, notes)
-    teacher = sources.load(model_doc["source"], model_doc.get("arch"), model_doc.get("arch_args"), model_doc.get("input_shape", ())).model.eval()
+    teacher = compress.load(model_doc["source"], arch=model_doc.get("arch"), arch_args=model_doc.get("arch_args"),
+                            input_shape=model_doc.get("input_shape", ())).model.eval()
     xt, yt = bundle.eval.inputs, bundle.eval.labels
     n_eval = 2000 if s.quick else len(xt)
     calib = [(bundle.train.inputs[i:i + 32],) for i in range(0, 128, 32)]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import CompressError, require
-from .specs import InputSpec
+from .inputs import InputSpec
 
 KINDS = ("torchvision", "timm", "hf")
 

@@ -8,28 +8,15 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import CompressError
+from .formats import FORMATS, TORCH_FORMATS
 from .manifest import Manifest
-from .specs import InputSpec
-
-MODEL_FILES = {"torch": "model.safetensors", "torch-quantized": "model.pt", "torchscript": "model.torchscript.pt",
-               "onnx": "model.onnx", "pt2": "model.pt2", "tensorrt": "model.engine"}
-TORCH_FORMATS = ("torch", "torch-quantized")
-
-# op name -> fn(model, step) -> model; methods register the steps they need to replay on load.
-REBUILDERS: dict[str, Callable[[nn.Module, dict], nn.Module]] = {}
-
-
-def rebuilder(op: str):
-    def deco(fn):
-        REBUILDERS[op] = fn
-        return fn
-    return deco
+from .inputs import InputSpec
 
 
 @dataclass
@@ -72,7 +59,7 @@ def save(artifact: Artifact, directory: Path) -> Artifact:
     directory.mkdir(parents=True, exist_ok=True)
     extra = dict(artifact.extra)
     if artifact.is_torch:
-        model_file = MODEL_FILES[artifact.format]
+        model_file = FORMATS[artifact.format].model_file
         if artifact.arch is None:
             model_file = "model.pickle.pt"
             extra["pickled"] = True
@@ -140,13 +127,10 @@ def load_run_dir(directory: Path, trust_pickle: bool = False) -> Artifact:
 
 def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
     from . import arch as arch_mod
-    from .sources import read_state_dict, load_pickled_module
+    from .checkpoints import load_pickled_module, read_state_dict
 
     if art.extra.get("pickled") or art.arch is None:
         return load_pickled_module(path, trust_pickle)
-    from . import registry
-
-    registry.load_all()  # method modules register their rebuild steps
     model = arch_mod.build(art.arch["spec"], art.arch.get("args"))
     # Float weights saved for a quantized model: quantization steps replay after the weights are loaded.
     after = [s for s in art.rebuild if art.extra.get("requantize_on_load") and str(s.get("op", "")).startswith("quantize")]
@@ -159,8 +143,11 @@ def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
 
 
 def _replay(model: nn.Module, step: dict, path: Path) -> nn.Module:
-    fn = REBUILDERS.get(step.get("op"))
-    if fn is None:
+    from .registry import rebuild_step
+
+    try:
+        fn = rebuild_step(step.get("op"))
+    except KeyError:
         raise CompressError(f"{path.parent} needs the rebuild step '{step.get('op')}', which this version does not know",
                             "Upgrade compress, or re-create the run directory")
     return fn(model, step)

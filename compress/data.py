@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from .errors import CompressError, is_installed, require
-from .specs import InputSpec
+from .inputs import InputSpec
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

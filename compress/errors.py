@@ -33,6 +33,16 @@ class MissingPackage(CompressError):
         self.extra = extra
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first non-empty line of an exception's message (terminal colour codes removed), or its type's name: how
+    an error from a library is quoted inside one of compress's one-line messages."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 def require(module: str, extra: str | None, purpose: str):
     """Import an optional module lazily, or raise MissingPackage with the pip extra to install."""
     import importlib

@@ -8,17 +8,17 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CompressError
-from .outputs import write_file_atomic
-from .specs import InputSpec
+from .formats import FORMATS
+from .rundir import write_file_atomic
+from .inputs import InputSpec
 
-FORMATS = ("torch", "torch-quantized", "torchscript", "onnx", "tensorrt", "pt2")
 MANIFEST = "manifest.json"
 
 
 def environment() -> dict:
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     env = {"compress": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": _cpu_name(), "platform": platform.platform()}

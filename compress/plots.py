@@ -8,11 +8,10 @@ from __future__ import annotations
 import io
 
 
-def svg_plots(report: dict) -> list[tuple[str, str]]:
-    """(title, inline <svg>) pairs for the report's rows; plots without data to show are left out."""
+def svg_plots(rows: list[dict]) -> list[tuple[str, str]]:
+    """(title, inline <svg>) pairs for a bench report's rows; plots without data to show are left out."""
     from matplotlib.figure import Figure  # noqa: F401 - raises ImportError when matplotlib is absent
 
-    rows = report.get("rows") or []
     if not rows:
         return []
     plots = [("Latency per stage", _latency_per_stage(rows))]

@@ -1,27 +1,36 @@
-"""The method registry: a method is a frozen config dataclass plus one registered function.
+"""What compress can do, found by name: methods (a config dataclass plus one function), runners by format, and the
+steps that rebuild a saved torch model.
 
-``@register("prune", "magnitude", MagnitudeConfig, accepts=("torch",), produces="torch")`` makes a method
-known to the CLI choices, ``compress ls``, pipeline validation and the contract tests.
+``@register("prune", "magnitude", MagnitudeConfig, accepts=("torch",), produces="torch")`` makes a method known to the
+CLI, ``compress ls``, pipeline validation and the contract tests; ``@register_runner("onnx")`` gives a format its
+runner. Core's methods live in ``compress.methods``; export targets are plugins (the ``compress.plugins`` entry
+points: ``exporters/`` here), each registering its exporter and its runner. Core never imports a plugin by name.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
-import typing
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
-import yaml
+from .errors import CompressError, is_installed
 
-from .errors import is_installed
+log = logging.getLogger(__name__)
 
 STAGES = ("prune", "distill", "quantize", "export")
-# Modules that register methods when imported; a missing optional dependency only disables that module.
-METHOD_MODULES = ("compress.exporters.torchscript", "compress.exporters.onnx", "compress.exporters.pt2",
-                  "compress.exporters.tensorrt", "compress.methods.pruning", "compress.methods.structured", "compress.methods.transformer",
-                  "compress.methods.quantize", "compress.methods.distill", "compress.methods.fasterai",
-                  "compress.methods.qat")
+# Core modules that register methods and runners when imported (they import optional packages only when a method runs).
+CORE_MODULES = ("compress.runners", "compress.methods.magnitude", "compress.methods.structured", "compress.methods.heads",
+                  "compress.methods.quantize", "compress.methods.distill", "compress.methods.fasterai", "compress.methods.qat")
+PLUGIN_GROUP = "compress.plugins"
+# Replayable steps that rebuild a saved torch model before (or after) its weights load: op -> "module:function".
+REBUILD_STEPS = {
+    "reshape": "compress.methods.shapes:apply",
+    "keep_layers": "compress.methods.depth:keep_layers",
+    "quantize_dynamic": "compress.methods.quantize:rebuild_dynamic",
+    "cast": "compress.methods.quantize:rebuild_cast",
+    "quantize_fasterai": "compress.methods.fasterai:rebuild_quantized",
+}
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,7 @@ class Method:
 
 
 _METHODS: dict[tuple[str, str], Method] = {}
+_RUNNERS: dict[str, type] = {}
 _loaded = False
 
 
@@ -64,18 +74,33 @@ def register(stage: str, name: str, config: type, *, accepts, produces, requires
     return deco
 
 
+def register_runner(fmt: str):
+    """Class decorator: the runner for artifacts of format ``fmt`` (see :mod:`compress.runners`)."""
+    def deco(cls):
+        _RUNNERS[fmt] = cls
+        return cls
+    return deco
+
+
 def load_all() -> None:
+    """Import core's method modules and every installed plugin, once. A plugin that fails to import is left out
+    with a warning (the rest keeps working); a core module that fails is a bug and raises."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    for mod in METHOD_MODULES:
+    for mod in CORE_MODULES:
+        importlib.import_module(mod)
+    from importlib.metadata import distributions
+
+    # Every installed distribution's plugins, read one by one: a stale metadata folder of compress earlier on the path
+    # (an old build's *.egg-info in the working directory) must not hide the installed one's.
+    plugins = {ep.value: ep for dist in distributions() for ep in dist.entry_points if ep.group == PLUGIN_GROUP}
+    for ep in plugins.values():
         try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name and (exc.name == mod or mod.startswith(exc.name + ".") or exc.name.startswith(mod)):
-                continue  # that method module has not landed yet
-            raise
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+            log.warning("the compress plugin %s (%s) could not be loaded: %s", ep.name, ep.value, exc)
 
 
 def methods(stage: str | None = None) -> list[Method]:
@@ -88,105 +113,19 @@ def get(stage: str, name: str) -> Method | None:
     return _METHODS.get((stage, name))
 
 
-# ---------------------------------------------------------------- configs
-def config_fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+def runner_class(fmt: str) -> type:
+    load_all()
+    cls = _RUNNERS.get(fmt)
+    if cls is None:
+        raise CompressError(f"no runner for format '{fmt}' is installed",
+                            f"Runners installed: {', '.join(sorted(_RUNNERS)) or 'none'}; reinstall compress (pip install -e .) if one is missing")
+    return cls
 
 
-def build_config(cls, options: dict, where: str) -> tuple[Any, list[str]]:
-    """Make a config from a dict; returns (config or None, every problem found)."""
-    problems = []
-    fields = config_fields(cls)
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in options.items():
-        if key not in fields:
-            near = difflib.get_close_matches(key, fields, n=1)
-            problems.append(f"{where}: unknown key '{key}'" + (f" (did you mean '{near[0]}'?)" if near else f" (known: {', '.join(fields) or 'none'})"))
-            continue
-        ok, coerced, why = coerce(value, hints[key])
-        if not ok:
-            problems.append(f"{where}.{key}: {why}")
-            continue
-        meta = fields[key].metadata
-        if "choices" in meta and coerced not in meta["choices"]:
-            near = difflib.get_close_matches(str(coerced), [str(c) for c in meta["choices"]], n=1)
-            problems.append(f"{where}.{key}: '{coerced}' is not one of {', '.join(map(str, meta['choices']))}" + (f" (did you mean '{near[0]}'?)" if near else ""))
-            continue
-        if "range" in meta and coerced is not None:
-            lo, hi = meta["range"]
-            items = coerced if isinstance(coerced, (list, tuple)) else [coerced]
-            bad = [v for v in items if (lo is not None and v < lo) or (hi is not None and v > hi)]
-            if bad:
-                problems.append(f"{where}.{key}: {bad[0]} is out of range [{'' if lo is None else lo}, {'' if hi is None else hi}]")
-                continue
-        values[key] = coerced
-    if problems:
-        return None, problems
-    try:
-        return cls(**values), []
-    except (TypeError, ValueError) as exc:
-        return None, [f"{where}: {exc}"]
-
-
-def coerce(value, hint) -> tuple[bool, Any, str]:
-    """Check (and gently convert) a value against a type hint; strings from the command line are parsed as YAML."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None and type(None) in args:
-            return True, None, ""
-        for a in args:
-            if a is type(None):
-                continue
-            ok, v, _ = coerce(value, a)
-            if ok:
-                return True, v, ""
-        return False, None, f"expected {_name(hint)}, got {value!r}"
-    if isinstance(value, str) and hint is not str:
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError:
-            if origin not in (tuple, list):   # a list may be plain comma-separated text, e.g. globs like *.dense
-                return False, None, f"cannot read {value!r}"
-    if hint is Any:
-        return True, value, ""
-    if hint is bool:
-        return (True, value, "") if isinstance(value, bool) else (False, None, f"expected true or false, got {value!r}")
-    if hint is int:
-        return (True, value, "") if isinstance(value, int) and not isinstance(value, bool) else (False, None, f"expected an integer, got {value!r}")
-    if hint is float:
-        return (True, float(value), "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (False, None, f"expected a number, got {value!r}")
-    if hint is str:
-        return (True, value, "") if isinstance(value, str) else (True, str(value), "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (False, None, f"expected a string, got {value!r}")
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        inner = args[0] if args else Any
-        out = []
-        for v in value:
-            ok, c, why = coerce(v, inner)
-            if not ok:
-                return False, None, why
-            out.append(c)
-        return True, tuple(out) if origin is tuple else out, ""
-    if origin is dict or hint is dict:
-        return (True, dict(value), "") if isinstance(value, dict) else (False, None, f"expected a mapping, got {value!r}")
-    return True, value, ""
-
-
-def _name(hint) -> str:
-    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
-
-
-def config_to_json(config) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}
-
-
-def option(default, help: str = "", **meta):
-    """A config field with help text and optional ``choices`` / ``range`` checked by validation."""
-    if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
+def rebuild_step(op: str) -> Callable:
+    """The function that replays rebuild step ``op`` on a model (importing only the module that defines it)."""
+    ref = REBUILD_STEPS.get(op)
+    if ref is None:
+        raise KeyError(op)
+    module, _, fn = ref.partition(":")
+    return getattr(importlib.import_module(module), fn)

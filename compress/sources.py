@@ -2,9 +2,9 @@
 or (only with --trust-pickle) a pickled whole module."""
 from __future__ import annotations
 
-import io
-import pickle
+import json
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,32 +12,77 @@ from torch import nn
 
 from . import arch as arch_mod
 from .artifact import Artifact, load_run_dir
-from .errors import CompressError
+from .checkpoints import read_state_dict
+from .errors import CompressError, first_line
+from .inputs import InputSpec, parse_input_shapes
 from .manifest import MANIFEST
-from .specs import InputSpec, parse_input_shapes
 
-STATE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
-PICKLE_WHY = "unpickling runs whatever code the file contains"
+@dataclass(frozen=True)
+class ModelSpec:
+    """A SOURCE and the model options, parsed once: what :func:`load_model` loads."""
+    source: str
+    arch: str | None = None
+    arch_args: dict = field(default_factory=dict)
+    inputs: tuple[InputSpec, ...] = ()     # from --input-shape or --example-input; empty: read from the source
+    static_shapes: bool = False
+    trust_pickle: bool = False
+
+    @classmethod
+    def parse(cls, source, arch: str | None = None, arch_args: str | dict | None = None, input_shape=(),
+              example_input: str | None = None, static_shapes: bool = False, trust_pickle: bool = False) -> "ModelSpec":
+        """The model options as the CLI, a YAML file or a notebook give them (strings), parsed; raises CompressError."""
+        from .arch import parse_arch_args
+
+        if isinstance(input_shape, str):
+            input_shape = [input_shape]
+        if example_input:
+            from .checkpoints import read_example_input
+            from .inputs import CANONICAL
+
+            tensors = read_example_input(Path(example_input))
+            names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
+            inputs = [InputSpec(n, tuple(t.shape), CANONICAL.get(t.dtype, "float32"), () if static_shapes else (0,)) for n, t in zip(names, tensors)]
+        else:
+            inputs = parse_input_shapes([str(s) for s in input_shape or ()], static=static_shapes)
+        return cls(str(source), arch or None, parse_arch_args(arch_args), tuple(inputs), bool(static_shapes), bool(trust_pickle))
+
+    @property
+    def format(self) -> str:
+        """The format the source holds, read from its name, manifest or content ("?" when it cannot be told yet)."""
+        if self.source.startswith("zoo:"):
+            return "torch"
+        p = Path(self.source)
+        if p.is_dir() and (p / MANIFEST).exists():
+            try:
+                return json.loads((p / MANIFEST).read_text()).get("format", "?")
+            except (OSError, ValueError):
+                return "?"
+        from .formats import of_file
+
+        return of_file(p) or ("torch" if p.exists() else "?")
 
 
-def load(source: str | Path, arch: str | None = None, arch_args=None, input_shapes=(), static_shapes: bool = False,
+def load(source: str | Path, arch: str | None = None, arch_args=None, input_shape=(), static_shapes: bool = False,
          trust_pickle: bool = False, example_input: str | None = None) -> Artifact:
-    """Turn a SOURCE (see the CLI contract) into an Artifact with a known input spec."""
-    args = arch_mod.parse_arch_args(arch_args)
-    src = str(source)
-    if src.startswith("zoo:"):
+    """Turn a SOURCE (see the CLI contract) and its model options, as a user writes them, into an Artifact."""
+    return load_model(ModelSpec.parse(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle))
+
+
+def load_model(spec: ModelSpec) -> Artifact:
+    """Load a parsed SOURCE into an Artifact with a known input spec."""
+    if spec.source.startswith("zoo:"):
         from .zoo import resolve
 
-        entry = resolve(src[4:])
-        return load(entry["source"], arch or entry["arch"], args or entry.get("arch_args"), input_shapes or entry.get("input_shape", ()),
-                    static_shapes, trust_pickle, example_input).evolve(source=src)
-    path = Path(src)
-    specs = _user_specs(input_shapes, example_input, static_shapes)
+        entry = resolve(spec.source[4:])
+        inner = ModelSpec(entry["source"], spec.arch or entry["arch"], spec.arch_args or entry.get("arch_args") or {},
+                          spec.inputs or entry.get("inputs", ()), spec.static_shapes, spec.trust_pickle)
+        return load_model(inner).evolve(source=spec.source)
+    path, arch, args, specs = Path(spec.source), spec.arch, spec.arch_args, list(spec.inputs)
     if not path.exists():
         raise CompressError(f"source {path} does not exist", "Check the path (or use zoo:NAME for a built-in model; see 'compress ls')")
     if path.is_dir():
         if (path / MANIFEST).exists():
-            art = load_run_dir(path, trust_pickle)
+            art = load_run_dir(path, spec.trust_pickle)
             if specs and art.model is not None:
                 check_input_spec(art.model, specs)
             return art.evolve(input_spec=specs or art.input_spec)
@@ -48,21 +93,17 @@ def load(source: str | Path, arch: str | None = None, arch_args=None, input_shap
                             "Give a model file, a run directory (with manifest.json) or a folder with config.json")
     if path.stat().st_size == 0:
         raise CompressError(f"{path} is empty", "The file was not written completely; recreate it")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
+    fmt = spec.format
+    if fmt == "onnx":
         return _onnx_artifact(path, specs)
-    if suffix in (".engine", ".plan", ".trt"):
-        if not specs:
-            raise CompressError(f"a TensorRT engine needs its input shape", "Give --input-shape")
-        return Artifact("tensorrt", specs, str(path), path=path)
-    if suffix == ".pt2":
+    if fmt == "pt2":
         return _pt2_artifact(path, specs)
-    if _is_torchscript(path):
+    if fmt in ("tensorrt", "torchscript"):
         if not specs:
-            raise CompressError(f"{path} is a TorchScript archive, whose input shape cannot be read from it",
-                                "Give --input-shape (e.g. 1x3x224x224)")
-        return Artifact("torchscript", specs, str(path), path=path)
-    state = read_state_dict(path, trust_pickle=trust_pickle)
+            raise CompressError(f"{path} is a {'TorchScript archive' if fmt == 'torchscript' else 'TensorRT engine'}, whose input "
+                                "shape cannot be read from it", "Give --input-shape (e.g. 1x3x224x224)")
+        return Artifact(fmt, specs, str(path), path=path)
+    state = read_state_dict(path, trust_pickle=spec.trust_pickle)
     if isinstance(state, nn.Module):
         if not specs:
             raise CompressError(f"{path} holds a whole module whose input shape is unknown", "Give --input-shape")
@@ -82,7 +123,7 @@ def check_input_spec(model, specs: list[InputSpec]) -> None:
             model(*(s.example(1) for s in specs))
     except Exception as exc:  # noqa: BLE001 - whatever the model raises on a wrong shape or dtype
         shown = ", ".join(f"{s.name} {'x'.join(map(str, s.shape))}:{s.dtype}" for s in specs)
-        raise CompressError(f"the model does not accept {shown} ({type(exc).__name__}: {_short(exc)})",
+        raise CompressError(f"the model does not accept {shown} ({type(exc).__name__}: {first_line(exc, 160)})",
                             "Fix --input-shape (dimensions and :DTYPE) to what the model takes") from None
 
 
@@ -101,115 +142,13 @@ def _torch_artifact(model: nn.Module, spec: str, args: dict, specs: list[InputSp
     return Artifact("torch", specs, source, model=model, arch={"spec": spec, "args": args})
 
 
-def _user_specs(input_shapes, example_input, static: bool) -> list[InputSpec]:
-    if example_input:
-        tensors = read_example_input(Path(example_input))
-        names = ["input"] if len(tensors) == 1 else [f"input_{i}" for i in range(len(tensors))]
-        from .specs import CANONICAL
-
-        return [InputSpec(n, tuple(t.shape), CANONICAL.get(t.dtype, "float32"), () if static else (0,)) for n, t in zip(names, tensors)]
-    if isinstance(input_shapes, str):
-        input_shapes = [input_shapes]
-    return parse_input_shapes(list(input_shapes or ()), static=static)
-
-
-def read_example_input(path: Path) -> tuple[torch.Tensor, ...]:
-    state = read_state_dict(path)
-    if isinstance(state, torch.Tensor):
-        return (state,)
-    if isinstance(state, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in state):
-        return tuple(state)
-    if isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values()):
-        return tuple(state.values())
-    raise CompressError(f"{path} does not hold a tensor or a list of tensors", "Save the example input with torch.save(tensor, path)")
-
-
-def read_state_dict(path: Path, trust_pickle: bool = False):
-    """Read weights safely: safetensors, or torch.load(weights_only=True); pickles only when trusted."""
-    path = Path(path)
-    if not path.exists():
-        raise CompressError(f"{path} does not exist", "Check the path")
-    if path.stat().st_size == 0:
-        raise CompressError(f"{path} is empty", "The file was not written completely; recreate it")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CompressError(f"{path} is not a readable safetensors file ({_short(exc)})", "The file is corrupt or truncated; recreate it") from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        if not _looks_like_pickle(path):
-            raise CompressError(f"{path} is not a PyTorch checkpoint ({_pickle_problem(exc)})", "Give a .pt/.pth/.safetensors state dict, an .onnx, a .pt2 or a TorchScript file") from None
-        if "global" not in str(exc).lower():  # the safe unpickler choked on the bytes themselves, not on code
-            raise CompressError(f"{path} could not be read as a PyTorch checkpoint ({_pickle_problem(exc)})",
-                                "The file is corrupt, truncated or of another type; recreate it") from None
-        if not trust_pickle:
-            raise CompressError(f"{path} holds pickled Python objects, not only weights, and {PICKLE_WHY}",
-                                "Save a state dict instead (torch.save(model.state_dict(), path)), or pass --trust-pickle if you trust the file") from None
-        return load_pickled_module(path, True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
-        raise CompressError(f"{path} could not be read as a PyTorch checkpoint ({_short(exc)})", "The file is corrupt, truncated or of another type; recreate it") from None
-    return _unwrap_state(obj, path)
-
-
-def load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
-    if not trust_pickle:
-        raise CompressError(f"{path} is a pickled module and {PICKLE_WHY}", "Pass --trust-pickle if you trust the file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - arbitrary pickles fail arbitrarily
-        raise CompressError(f"{path} could not be unpickled ({_short(exc)})", "Make sure the classes it needs are importable") from None
-    if isinstance(obj, nn.Module):
-        return obj.eval()
-    return _unwrap_state(obj, path)
-
-
-def _unwrap_state(obj, path: Path):
-    if isinstance(obj, nn.Module):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model_state_dict", "model", "module"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                obj = inner
-                break
-        # Quantized state dicts also hold dtypes and packed (tensor, bias) tuples: keep every entry.
-        # (obj is returned as is: its _metadata carries the layer versions quantized modules need to load.)
-        if any(isinstance(v, torch.Tensor) for v in obj.values()):
-            if all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
-                obj = {k[len("module."):]: v for k, v in obj.items()}
-            return obj
-    if isinstance(obj, (torch.Tensor, list, tuple)):
-        return obj
-    raise CompressError(f"{path} holds a {type(obj).__name__} without tensors, not a state dict", "Save model.state_dict()")
-
-
-def _looks_like_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
-
-
-def _is_torchscript(path: Path) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, ValueError, EOFError, NotImplementedError):
-        return False  # a damaged archive is not TorchScript; torch.load below says what is wrong
-    return any(n.endswith("constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
 def _onnx_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
     import onnx
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises many types
-        raise CompressError(f"{path} is not a readable ONNX model ({_short(exc)})", "The file is corrupt or of another type") from None
+        raise CompressError(f"{path} is not a readable ONNX model ({first_line(exc, 160)})", "The file is corrupt or of another type") from None
     init = {i.name for i in model.graph.initializer}
     graph_specs = []
     for inp in model.graph.input:
@@ -239,7 +178,7 @@ def _pt2_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
             ex = getattr(ep, "example_inputs", None)
             if ex:
                 args = ex[0]
-                from .specs import CANONICAL
+                from .inputs import CANONICAL
 
                 specs = [InputSpec(f"input_{i}" if len(args) > 1 else "input", tuple(a.shape), CANONICAL.get(a.dtype, "float32"), (0,))
                          for i, a in enumerate(args)]
@@ -248,15 +187,3 @@ def _pt2_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
     if not specs:
         raise CompressError(f"the input shape of {path} cannot be read from it", "Give --input-shape")
     return Artifact("pt2", specs, str(path), path=path)
-
-
-def _pickle_problem(exc: BaseException) -> str:
-    """The useful line of torch's long 'Weights only load failed' message."""
-    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    useful = [l for l in lines if not l.startswith(("Weights only load failed", "Please file an issue", "Check the documentation", "In PyTorch"))]
-    return (useful[0] if useful else _short(exc))[:160]
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]

@@ -46,4 +46,6 @@ def resolve(name: str) -> dict:
     if entry is None:
         near = difflib.get_close_matches(name, ZOO, n=2)
         raise CompressError(f"no built-in model 'zoo:{name}'", f"Did you mean zoo:{near[0]}?" if near else f"Built-in: {', '.join('zoo:' + k for k in ZOO)}")
-    return {**entry, "source": entry["source"]()}
+    from .inputs import parse_input_shapes
+
+    return {**entry, "source": entry["source"](), "inputs": tuple(parse_input_shapes(entry.get("input_shape", ())))}

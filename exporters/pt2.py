@@ -15,11 +15,13 @@ from pathlib import Path
 import torch
 
 from compress.artifact import Artifact
-from compress.errors import CompressError
-from compress.registry import option, register
+from compress.errors import CompressError, first_line
+from compress.inputs import axis_name, example_inputs, export_batch, with_dynamic_axes
+from compress.config import option
+from compress.registry import register, register_runner
+from compress.runners import Runner, TorchRunner
 
-from .onnx import _axis_name, _first_line, resolve_axes
-from .verify import example_inputs, export_batch, verify
+from .verify import verify
 
 
 @dataclass(frozen=True)
@@ -35,14 +37,14 @@ class PT2Config:
           summary="torch.export program (.pt2), optionally AOTInductor-compiled, dynamic batch, verified")
 def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
     """torch.export program (.pt2), optionally AOTInductor-compiled, dynamic batch, verified."""
-    specs = resolve_axes(artifact.input_spec, config.dynamic_axes, config.static_shapes)
+    specs = with_dynamic_axes(artifact.input_spec, config.dynamic_axes, config.static_shapes)
     device = "cuda" if config.aoti and getattr(ctx, "device", "cpu") == "cuda" else "cpu"
     model = artifact.model.eval()
     if device != "cpu":
         model = model.to(device)
     inputs = tuple(x.to(device) for x in example_inputs(specs, export_batch(specs)))
     dims: dict[int, torch.export.Dim] = {}
-    dynamic = tuple({a: dims.setdefault(a, torch.export.Dim(_axis_name(a), min=1)) for a in s.dynamic_axes} or None for s in specs)
+    dynamic = tuple({a: dims.setdefault(a, torch.export.Dim(axis_name(a), min=1)) for a in s.dynamic_axes} or None for s in specs)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -53,7 +55,7 @@ def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
             raise CompressError(f"torch.export cannot keep the axis '{axis.group(1)}' dynamic: the model's code fixes its size",
                                 "Make only the batch dynamic (-s dynamic_axes=batch) or none (-s static_shapes=true), "
                                 "or use --target onnx / torchscript") from None
-        raise CompressError(f"torch.export could not capture the model: {_first_line(exc)}",
+        raise CompressError(f"torch.export could not capture the model: {first_line(exc)}",
                             "Try -s static_shapes=true, or --target torchscript / onnx -s exporter=legacy") from None
     path = Path(ctx.workdir) / "model.pt2"
     if config.aoti:
@@ -62,7 +64,7 @@ def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
                 warnings.simplefilter("ignore")
                 torch._inductor.aoti_compile_and_package(program, package_path=str(path))
         except Exception as exc:  # noqa: BLE001
-            raise CompressError(f"AOTInductor compilation failed: {_first_line(exc)}",
+            raise CompressError(f"AOTInductor compilation failed: {first_line(exc)}",
                                 "Check that a C++ compiler (gcc) is installed, or export without -s aoti=true") from None
     else:
         torch.export.save(program, str(path))
@@ -73,3 +75,35 @@ def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
     ctx.metrics.update(verify(artifact, out, ctx, target="pt2-aoti" if config.aoti else "pt2", atol=config.atol, device=device))
     ctx.metrics["file_size_bytes"] = out.size_bytes()
     return out
+
+
+@register_runner("pt2")
+class PT2Runner(TorchRunner):
+    format = "pt2"
+
+    def __init__(self, artifact, device="cpu", threads=None):
+        path = str(artifact.path)
+        if artifact.extra.get("aoti"):
+            from torch._inductor import aoti_load_package
+
+            module = _AOTIModule(aoti_load_package(path))
+            Runner.__init__(self, artifact, device, threads)
+            self.module = module
+            return
+        try:
+            module = torch.export.load(path).module()
+        except Exception as exc:  # noqa: BLE001
+            raise CompressError(f"{path} could not be loaded as a torch.export program ({first_line(exc, 150)})", "Recreate it with compress export --target pt2") from None
+        Runner.__init__(self, artifact, device, threads)
+        self.module = module.to(device)
+
+
+class _AOTIModule:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def eval(self):
+        return self
+
+    def __call__(self, *args):
+        return self.fn(*args)

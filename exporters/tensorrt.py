@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 
 from compress.artifact import Artifact
-from compress.errors import CompressError, is_installed
-from compress.registry import option, register
+from compress.config import option
+from compress.errors import CompressError, first_line, is_installed
+from compress.inputs import InputSpec, example_inputs, export_batch
+from compress.onnx_export import export_file
+from compress.registry import register, register_runner
 from compress.runners import Runner
-from compress.specs import InputSpec
 
-from .onnx import _first_line, export_file
-from .verify import example_inputs, export_batch, verify
+from .verify import verify
 
 INSTALL = "pip install 'compress[trt]' (the tensorrt wheel from pypi.nvidia.com, matching your CUDA driver)"
 
@@ -287,12 +288,13 @@ def _torch2trt(artifact: Artifact, config: TensorRTConfig, engine_path: Path) ->
     try:
         trt_module = t2t.torch2trt(model, inputs, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise CompressError(f"torch2trt failed: {_first_line(exc)}", "Use -s backend=tensorrt (through ONNX)") from None
+        raise CompressError(f"torch2trt failed: {first_line(exc)}", "Use -s backend=tensorrt (through ONNX)") from None
     engine_path.write_bytes(bytes(trt_module.engine.serialize()))
     return specs, {"backend": "torch2trt"}
 
 
 # ---------------------------------------------------------------- runner
+@register_runner("tensorrt")
 class TensorRTRunner(Runner):
     """Deserialize an engine and run it on torch CUDA tensors (TensorRT 10+ name-based tensor API)."""
 

@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 
 from compress.artifact import Artifact
-from compress.errors import CompressError
-from compress.registry import option, register
+from compress.errors import CompressError, first_line
+from compress.inputs import example_inputs, export_batch
+from compress.config import option
+from compress.registry import register, register_runner
+from compress.runners import TorchRunner
 
-from .verify import example_inputs, export_batch, verify
+from .verify import verify
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ def export_torchscript(artifact: Artifact, config: TorchScriptConfig, ctx) -> Ar
             module = torch.jit.script(model) if config.mode == "script" else torch.jit.trace(model, inputs, strict=False)
         except Exception as exc:  # noqa: BLE001 - the JIT raises many types
             other = "trace" if config.mode == "script" else "script"
-            raise CompressError(f"torch.jit.{config.mode} failed: {_first_line(exc)}",
+            raise CompressError(f"torch.jit.{config.mode} failed: {first_line(exc)}",
                                 f"Try -s mode={other}, or --target pt2 / onnx") from None
         module = module.eval()
         if config.freeze:
@@ -73,11 +76,18 @@ def _save_optimized(path: Path, metrics: dict) -> bool:
         trial.replace(path)
         return True
     except Exception as exc:  # noqa: BLE001
-        metrics["optimize_for_inference_skipped"] = f"its graph cannot be saved and loaded back ({_first_line(exc)}); kept the frozen graph"
+        metrics["optimize_for_inference_skipped"] = f"its graph cannot be saved and loaded back ({first_line(exc)}); kept the frozen graph"
         trial.unlink(missing_ok=True)
         return False
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:200]
+@register_runner("torchscript")
+class TorchScriptRunner(TorchRunner):
+    format = "torchscript"
+
+    def __init__(self, artifact, device="cpu", threads=None):
+        try:
+            module = torch.jit.load(str(artifact.path), map_location=device)
+        except Exception as exc:  # noqa: BLE001 - a corrupt archive raises RuntimeError, UnicodeDecodeError, ...
+            raise CompressError(f"{artifact.path} could not be loaded as TorchScript ({first_line(exc)})", "Recreate it with compress export --target torchscript") from None
+        super().__init__(artifact, device, threads, module)

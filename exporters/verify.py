@@ -12,7 +12,7 @@ import torch
 
 from compress.artifact import Artifact
 from compress.errors import CompressError
-from compress.specs import InputSpec
+from compress.inputs import InputSpec, example_inputs, export_batch
 
 # Allowed max abs difference, relative to the output's scale (max |reference|, at least 1).
 TOLERANCES = {
@@ -60,26 +60,9 @@ def shape_cases(specs: list[InputSpec]) -> list[tuple[str, int, int | None]]:
     return cases
 
 
-def export_batch(specs: list[InputSpec]) -> int:
-    """The batch size examples are exported at: at least 2 when batch is dynamic (torch.export specializes 0/1)."""
-    b = specs[0].shape[0] if specs and specs[0].shape else 1
-    return max(b, 2) if specs and all(0 in s.dynamic_axes for s in specs) else b
-
-
 def _seq_len(specs: list[InputSpec]) -> int | None:
     seqs = [s.shape[1] for s in specs if len(s.shape) in (2, 3) and 1 in s.dynamic_axes]
     return seqs[0] if seqs else None
-
-
-def example_inputs(specs: list[InputSpec], batch: int, seq: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Deterministic inputs for ``specs`` at a batch size and (for inputs with a dynamic axis 1) a sequence length."""
-    out = []
-    for i, s in enumerate(specs):
-        shape = [batch, *s.shape[1:]]
-        if seq is not None and len(shape) in (2, 3) and 1 in s.dynamic_axes:
-            shape[1] = seq
-        out.append(InputSpec(s.name, tuple(shape), s.dtype, s.dynamic_axes).example(seed=seed + i))
-    return tuple(out)
 
 
 def verify(source: Artifact, exported: Artifact, ctx, *, target: str, precision: str = "fp32", atol: float | None = None,

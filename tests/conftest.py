@@ -13,7 +13,8 @@ from compress import registry
 from compress.artifact import Artifact
 from compress.errors import CompressError
 from compress.manifest import FORMATS
-from compress.registry import option, register
+from compress.config import option
+from compress.registry import register
 
 from . import models
 
@@ -35,7 +36,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys):
     """Run ``compress ARGS`` in-process through the real entry point; returns exit code, stdout and stderr."""
-    from compress.cli import main
+    from cli import main
 
     def run(*args) -> CliResult:
         capsys.readouterr()
@@ -112,7 +113,7 @@ def _scale(artifact: Artifact, config: ScaleConfig, ctx) -> Artifact:
 
 def _trace(artifact: Artifact, config: TraceConfig, ctx) -> Artifact:
     """Trace to TorchScript (a stand-in for a real export method)."""
-    from compress.specs import examples
+    from compress.inputs import examples
 
     CALLS.append("trace")
     traced = torch.jit.trace(artifact.model, examples(artifact.input_spec))
@@ -152,4 +153,4 @@ def fake_methods():
 
 
 def python_cmd() -> list[str]:
-    return [sys.executable, "-m", "compress.cli"]
+    return [sys.executable, "-m", "cli"]

@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from compress import bench
+from compress import bench, diagnosis
+from compress import report as report_mod
 from compress.artifact import Artifact, save
-from compress.bench import BenchSettings, Timing, bench_artifacts, time_runner
-from compress.cli import main
+from compress.bench import BenchSettings, bench_artifacts
+from compress.timing import Timing, time_runner
+from cli import main
 from compress.errors import CompressError
 from compress.runners import load_runner
-from compress.specs import parse_input_shapes
+from compress.inputs import parse_input_shapes
 
 CONTRACT_ROW = {"artifact", "stage", "format", "device", "batch_size", "threads", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
                 "std_ms", "throughput_per_s", "size_bytes", "speedup_vs_source", "metrics"}
@@ -119,7 +121,7 @@ def test_statistics_are_percentiles_mean_std_cv_and_throughput():
 
 
 def test_one_outlier_among_many_runs_moves_the_cv_but_not_the_spread_or_the_noise_warning():
-    from compress.bench import NOISY_CV, warnings_for
+    from compress.diagnosis import NOISY_CV, warnings_for
 
     times = [1.0 + 0.01 * (i % 10) for i in range(999)] + [60.0]       # one scheduler hiccup in 1000 runs
     s = Timing(times, warmup_runs=1).stats(batch=1)
@@ -172,7 +174,7 @@ class DriftRunner(SleepRunner):
 
 
 def test_interleaved_timing_keeps_the_ratio_when_the_machine_slows_down_halfway():
-    from compress.bench import Clocked, time_interleaved
+    from compress.timing import Clocked, time_interleaved
 
     def measure(interleave: bool) -> float:
         clock = {"slow": 1.0}
@@ -195,7 +197,7 @@ def test_interleaved_timing_keeps_the_ratio_when_the_machine_slows_down_halfway(
 
 
 def test_interleaved_slices_rotate_start_with_an_untimed_run_and_drop_a_runner_that_fails():
-    from compress.bench import Clocked, time_interleaved
+    from compress.timing import Clocked, time_interleaved
 
     calls: list = []
 
@@ -276,21 +278,21 @@ def test_cuda_uses_events_and_reports_host_to_device_copies_apart():
 # ---------------------------------------------------------------- benchmarking artifacts
 def test_torch_torchscript_and_onnx_are_benched_side_by_side(files):
     shapes = ["1x3x32x32"]
-    source = _load(files["pt"], arch=files["arch"], input_shapes=shapes)
-    ts = _load(files["ts"], input_shapes=shapes)
+    source = _load(files["pt"], arch=files["arch"], input_shape=shapes)
+    ts = _load(files["ts"], input_shape=shapes)
     onnx_art = _load(files["onnx"])
-    sparse_model = _load(files["pt"], arch=files["arch"], input_shapes=shapes).model
+    sparse_model = _load(files["pt"], arch=files["arch"], input_shape=shapes).model
     with torch.no_grad():
         for p in sparse_model.parameters():
             if p.dim() > 1:
                 p[torch.rand_like(p) < 0.6] = 0
     pruned = source.evolve(model=sparse_model, stages=[{"stage": "prune", "method": "magnitude", "config": {}}])
     settings = BenchSettings.from_options({"batch_size": "1,4", "budget_s": 0.05, "min_runs": 5, "limit": 64}, files["data"])
-    report = bench_artifacts([("source", source), ("ts", ts), ("onnx", onnx_art), ("pruned", pruned)], settings, quiet=True)
+    report = bench_artifacts([("source", source), ("ts", ts), ("onnx", onnx_art), ("pruned", pruned)], settings)
 
-    rows = report["rows"]
+    rows = report.rows
     assert [(r["label"], r["batch_size"]) for r in rows] == [(a, b) for a in ("source", "ts", "onnx", "pruned") for b in (1, 4)]
-    assert not report["skipped"]
+    assert not report.skipped
     for r in rows:
         assert CONTRACT_ROW <= set(r)
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
@@ -314,19 +316,19 @@ def test_torch_torchscript_and_onnx_are_benched_side_by_side(files):
     p = by["pruned", 1]
     assert p["stage"] == "prune" and p["zero_fraction"] == pytest.approx(0.6, abs=0.05)
     assert p["metrics"]["accuracy"] < 1.0 and p["metrics"]["accuracy_delta"] < 0 and p["metrics"]["top1_agreement_vs_source"] < 1.0
-    assert report["peak_rss_mb"] > 0 and all(r["peak_rss_mb"] > 0 for r in rows)
-    assert set(report["env"]) >= {"cpu", "gpu", "torch", "onnxruntime"}
+    assert report.peak_rss_mb > 0 and all(r["peak_rss_mb"] > 0 for r in rows)
+    assert set(report.env) >= {"cpu", "gpu", "torch", "onnxruntime"}
 
 
 def test_a_static_batch_onnx_file_is_skipped_at_other_batch_sizes_with_the_reason(files):
-    source = _load(files["pt"], arch=files["arch"], input_shapes=["1x3x32x32"])
+    source = _load(files["pt"], arch=files["arch"], input_shape=["1x3x32x32"])
     settings = BenchSettings.from_options({"batch_size": [1, 3], "budget_s": 0.02, "min_runs": 3})
-    report = bench_artifacts([("source", source), ("static", _load(files["static"]))], settings, quiet=True)
-    assert [(r["label"], r["batch_size"]) for r in report["rows"]] == [("source", 1), ("source", 3), ("static", 1)]
-    assert report["rows"][2]["metrics"]["max_abs_diff_vs_source"] < 1e-4
-    (skip,) = report["skipped"]
+    report = bench_artifacts([("source", source), ("static", _load(files["static"]))], settings)
+    assert [(r["label"], r["batch_size"]) for r in report.rows] == [("source", 1), ("source", 3), ("static", 1)]
+    assert report.rows[2]["metrics"]["max_abs_diff_vs_source"] < 1e-4
+    (skip,) = report.skipped
     assert skip["batch_size"] == 3 and "static" in skip["label"] and skip["reason"]
-    assert any("was not measured" in w for w in report["warnings"])
+    assert any("was not measured" in w for w in report.warnings)
 
 
 def test_slow_stages_are_flagged_with_their_likely_cause():
@@ -339,14 +341,14 @@ def test_slow_stages_are_flagged_with_their_likely_cause():
             dict(base, label="int8", format="onnx", stage="quantize", weights_dtype="int8", speedup_vs_source=1.0),
             dict(base, label="fast", stage="prune", speedup_vs_source=1.8),
             dict(base, label="noisy", stage="export", cv=0.4, spread=0.4, speedup_vs_source=1.3)]
-    w = bench.warnings_for(rows, {"vnni": False})
+    w = diagnosis.warnings_for(rows, {"vnni": False})
     assert any(s.startswith("fp16 ") and "slower than the source (0.40x)" in s and "float16 on a CPU" in s for s in w)
     assert any(s.startswith("dyn ") and "no faster" in s and "52 convolution(s) stay fp32" in s for s in w)
     assert any(s.startswith("sparse ") and "unstructured sparsity" in s and "70%" in s for s in w)
     assert any(s.startswith("int8 ") and "VNNI" in s for s in w)
     assert not any(s.startswith(("fast ", "src ")) for s in w)
     assert any("1 of 7 row(s) are too noisy" in s and "rerun" in s for s in w)
-    assert bench.likely_cause(rows[4], vnni=True) is None
+    assert diagnosis.likely_cause(rows[4], vnni=True) is None
 
 
 def test_dynamic_quantized_convolutions_are_recognised_as_the_cause():
@@ -356,18 +358,18 @@ def test_dynamic_quantized_convolutions_are_recognised_as_the_cause():
     facts = bench.model_facts(Artifact("torch-quantized", [], "t", model=q, stages=[{"stage": "quantize", "method": "dynamic"}]))
     assert facts == {"method": "dynamic", "weights_dtype": "int8", "zero_fraction": 0.0, "fp32_convs": 2}
     row = {"device": "cpu", "stage": "quantize", "batch_size": 1, "p50_ms": 1.0, "cv": 0.0, "spread": 0.0, **facts}
-    assert "convolution(s) stay fp32" in bench.likely_cause(row, vnni=True)
+    assert "convolution(s) stay fp32" in diagnosis.likely_cause(row, vnni=True)
     # packed int8 weights still count as parameters
     assert bench.param_count(Artifact("torch-quantized", [], "t", model=q)) == sum(p.numel() for p in model.parameters())
 
 
 def test_thread_sweep_gives_a_serving_recommendation(monkeypatch):
-    monkeypatch.setattr(bench, "_cores", lambda: 2)
+    monkeypatch.setattr(diagnosis, "cpu_count", lambda: 2)
     rows = [{"label": "m", "device": "cpu", "batch_size": 1, "threads": 1, "throughput_per_s": 100.0},
             {"label": "m", "device": "cpu", "batch_size": 1, "threads": 2, "throughput_per_s": 150.0},
             {"label": "n", "device": "cpu", "batch_size": 1, "threads": 1, "throughput_per_s": 100.0},
             {"label": "n", "device": "cpu", "batch_size": 1, "threads": 2, "throughput_per_s": 250.0}]
-    rec = bench.recommendations(rows)
+    rec = diagnosis.recommendations(rows)
     assert rec[0].startswith("m, batch 1: 1 thread × 2 processes gives ~200.0 items/s vs 2 threads × 1 process 150.0 items/s")
     assert rec[1].startswith("n, batch 1: 2 threads × 1 process(es) is best") and len(rec) == 2
 
@@ -418,17 +420,17 @@ def test_html_falls_back_to_the_table_without_matplotlib(monkeypatch):
     row = {"label": "a", "stage": "source", "format": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "p50_ms": 1.0,
            "p90_ms": 1.2, "p99_ms": 1.5, "cv": 0.05, "spread": 0.05, "throughput_per_s": 1000.0, "speedup_vs_source": 1.0, "size_bytes": 2048,
            "params": 10, "metrics": {}, "baseline": True}
-    report = {"env": {"cpu": "x"}, "rows": [row], "warnings": [], "peak_rss_mb": 100.0}
-    assert "<svg" in bench.html(report)
+    report = bench.BenchReport(rows=[row], env={"cpu": "x"}, peak_rss_mb=100.0)
+    assert "<svg" in report_mod.html(report)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    page = bench.html(report)
+    page = report_mod.html(report)
     assert "<svg" not in page and "<table>" in page and "pip install 'compress[report]'" in page
 
 
 def test_a_run_directory_is_benched_against_the_source_its_manifest_names(files, tmp_path):
-    source = _load(files["pt"], arch=files["arch"], input_shapes=["1x3x32x32"])
+    source = _load(files["pt"], arch=files["arch"], input_shape=["1x3x32x32"])
     run_dir = tmp_path / "run"
     save(source.evolve(source=str(files["pt"]), stages=[{"stage": "distill", "method": "kd", "config": {}}]), run_dir)
     assert main(["bench", str(run_dir), "--budget", "0.02", "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
@@ -442,8 +444,8 @@ def test_a_pipeline_bench_section_writes_the_reports(files, tmp_path):
 
     doc = {"model": {"source": str(files["pt"]), "arch": files["arch"], "input_shape": ["1x3x32x32"]}, "data": files["data"],
            "bench": {"batch_size": [1, 2], "budget_s": 0.02, "min_runs": 3, "limit": 16}}
-    result = run(doc, tmp_path / "out", quiet=True)
-    assert [r["batch_size"] for r in result.report["rows"]] == [1, 2]
+    result = run(doc, tmp_path / "out")
+    assert [r["batch_size"] for r in result.report.rows] == [1, 2]
     for name in ("report.json", "report.md", "report.html"):
         assert (tmp_path / "out" / name).stat().st_size > 200
     assert json.loads((tmp_path / "out" / "report.json").read_text())["rows"][0]["metrics"]["accuracy"] == 1.0
@@ -455,9 +457,9 @@ def test_minilm_is_timed_on_real_sentences_at_their_natural_length():
     q = torch.ao.quantization.quantize_dynamic(source.model, {nn.Linear}, dtype=torch.qint8)
     quantized = source.evolve(format="torch-quantized", model=q, stages=[{"stage": "quantize", "method": "dynamic", "config": {}}])
     settings = BenchSettings.from_options({"batch_size": [1, 4], "budget_s": 0.3, "min_runs": 5, "limit": 32}, "rotten-tomatoes")
-    report = bench_artifacts([("source", source), ("int8", quantized)], settings, quiet=True)
-    rows = report["rows"]
-    assert len(rows) == 4 and not report["skipped"]
+    report = bench_artifacts([("source", source), ("int8", quantized)], settings)
+    rows = report.rows
+    assert len(rows) == 4 and not report.skipped
     for r in rows:
         assert r["inputs"] == "data" and not r["padded"]
         assert r["seq_len_mean"] < 64 and r["seq_len_max"] <= 128          # real sentences, not padded to 128
@@ -471,9 +473,9 @@ def test_minilm_is_timed_on_real_sentences_at_their_natural_length():
 
 
 def test_a_busy_machine_is_reported(monkeypatch):
-    monkeypatch.setattr(bench, "_cores", lambda: 2)
-    assert "load average 4.4 on 2 cores" in bench._busy_warning(4.4, own_threads=2)
-    assert bench._busy_warning(2.5, own_threads=2) is None and bench._busy_warning(None, 1) is None
+    monkeypatch.setattr(diagnosis, "cpu_count", lambda: 2)
+    assert "load average 4.4 on 2 cores" in diagnosis.busy_warning(4.4, own_threads=2)
+    assert diagnosis.busy_warning(2.5, own_threads=2) is None and diagnosis.busy_warning(None, 1) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")

@@ -46,7 +46,7 @@ def test_interleaved_rounds_rotate_and_every_variant_sees_the_same_inputs():
     assert errors == {} and set(warm) == {"a", "b"}
     assert len(times["a"]) == len(times["b"]) == 12
     assert all(t >= 0 for t in times["a"] + times["b"])
-    timed = log[2 * len(inputs):]                      # after the warm-up passes
+    timed = log[-2 * 4 * (1 + 3):]                     # after the warm-up: 4 rounds of (1 untimed + 3 timed) runs each
     blocks = [timed[i:i + 4] for i in range(0, len(timed), 4)]   # 1 untimed + 3 timed runs per turn
     order = [blk[0][0] for blk in blocks]
     assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]    # the order rotates every round
@@ -67,7 +67,7 @@ def test_a_budget_caps_a_slow_variant_but_every_round_samples_it_and_it_cycles_a
     times, errors, _ = time_interleaved(runners, inputs, rounds=8, runs=5, warmup=1, budget_s=0.25)
     assert errors == {} and len(times["fast"]) == 40               # far under budget: every run
     assert 8 <= len(times["slow"]) < 20                              # ≥ 1 a round, stopped near 0.25 s of 20 ms runs
-    timed = [i for name, i in log[2 * len(inputs):] if name == "slow"]
+    timed = [i for name, i in log[-(len(times["fast"]) + len(times["slow"]) + 2 * 8):] if name == "slow"]
     assert set(timed) == {0, 1, 2, 3}                                # still cycles through every input
 
 

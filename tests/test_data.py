@@ -13,7 +13,7 @@ from compress.artifact import Artifact
 from compress.data import batches, load_data
 from compress.errors import CompressError
 from compress.runners import load_runner
-from compress.specs import InputSpec
+from compress.inputs import InputSpec
 
 from . import models
 from .conftest import ROOT, needs_fashion_mnist

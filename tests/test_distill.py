@@ -81,7 +81,7 @@ def test_kd_student_gets_close_to_the_teacher_and_no_worse_than_labels_alone(cli
     assert stage["method"] == "kd" and stage["config"]["teacher"] == str(teacher) and m["alpha"] == 0.5
     assert [e["epoch"] for e in m["epochs"]] == list(range(1, 13)) and all("loss" in e and "accuracy" in e for e in m["epochs"])
     started = time.perf_counter()
-    labels_only = metrics_of(run(student_doc(student, 8, teacher=str(teacher), alpha=1.0, **budget), tmp_path / "labels", quiet=True))
+    labels_only = metrics_of(run(student_doc(student, 8, teacher=str(teacher), alpha=1.0, **budget), tmp_path / "labels"))
     labels_seconds = time.perf_counter() - started
     print(f"\nteacher {m['teacher_accuracy']:.4f} ({m['params_teacher']} params) | KD student {m['student_accuracy_after']:.4f} "
           f"in {kd_seconds:.1f}s | labels-only student {labels_only['student_accuracy_after']:.4f} in {labels_seconds:.1f}s "
@@ -102,7 +102,7 @@ def test_soft_targets_alone_teach_a_student_from_unlabelled_data(teacher, tmp_pa
     inputs = torch.stack([bundle.train[i][0] for i in range(len(bundle.train))])
     torch.save({"inputs": inputs}, tmp_path / "unlabelled.pt")        # the train split's images, no labels
     result = run(student_doc(student_file(tmp_path, 8), 8, data=f"tensors:{tmp_path / 'unlabelled.pt'}",
-                             teacher=str(teacher), epochs=10, lr=0.003, temperature=1), tmp_path / "out", quiet=True)
+                             teacher=str(teacher), epochs=10, lr=0.003, temperature=1), tmp_path / "out")
     m = metrics_of(result)
     assert m["alpha"] == 0.0 and m["eval_metric"] == "agreement"        # no labels: pure soft targets, top-1 agreement
     assert m["student_agreement_before"] < 0.3 and m["student_agreement_after"] > 0.9
@@ -114,7 +114,7 @@ def test_prune_then_distill_recovers_accuracy_with_the_original_as_teacher(teach
     pytest.importorskip("torch_pruning")
     doc = {"model": {"source": str(teacher)}, "data": "digits",
            "stages": [{"prune": {"method": "structured", "amount": 0.5, "round_to": None}}, {"distill": {"epochs": 3, "lr": 0.003}}]}
-    result = run(doc, tmp_path / "out", quiet=True)
+    result = run(doc, tmp_path / "out")
     m = result.final.stages[-1]["metrics"]
     assert result.final.stages[-1]["config"]["teacher"] is None
     assert m["params_student"] < m["params_teacher"] / 3
@@ -127,7 +127,7 @@ def test_prune_then_distill_recovers_accuracy_with_the_original_as_teacher(teach
 def test_feature_matching_learns_a_projection_that_is_not_saved(teacher, tmp_path):
     # Teacher's head input is 32 wide, the student's 16: a learned Linear(16, 32) bridges them during training only.
     result = run(student_doc(student_file(tmp_path, 8), 8, teacher=str(teacher), epochs=3, lr=0.003, feature_weight=1.0),
-                 tmp_path / "out", quiet=True)
+                 tmp_path / "out")
     log = metrics_of(result)["epochs"]
     assert {"loss", "loss_hard", "loss_soft", "loss_feature"} <= log[0].keys()
     assert log[-1]["loss_feature"] < 0.8 * log[0]["loss_feature"]       # the student's features (projected) approach the teacher's
@@ -141,7 +141,7 @@ def test_feature_matching_learns_a_projection_that_is_not_saved(teacher, tmp_pat
 def test_an_interrupted_run_resumes_to_the_same_weights(teacher, tmp_path, cache, monkeypatch, stop_at):
     student = student_file(tmp_path, 4)
     opts = {"teacher": str(teacher), "epochs": 4, "limit": 256, "batch_size": 32, "lr": 0.003}   # 8 steps per epoch
-    straight = run(student_doc(student, 4, **opts), tmp_path / "straight", quiet=True)
+    straight = run(student_doc(student, 4, **opts), tmp_path / "straight")
     assert not list(cache.rglob("checkpoint.pt"))
 
     calls = {"n": 0}
@@ -157,14 +157,14 @@ def test_an_interrupted_run_resumes_to_the_same_weights(teacher, tmp_path, cache
     with monkeypatch.context() as m:
         m.setattr(torch.optim.AdamW, "step", step)
         with pytest.raises(KeyboardInterrupt):
-            run(student_doc(student, 4, **opts), tmp_path / "out", quiet=True)
+            run(student_doc(student, 4, **opts), tmp_path / "out")
     assert not (tmp_path / "out").exists()                               # nothing half-written
     ckpts = list(cache.rglob("checkpoint.pt"))
     assert len(ckpts) == 1
     saved = torch.load(ckpts[0], weights_only=True)
     assert (saved["epoch"], saved["batch"]) == ((2, 0) if stop_at == "epoch boundary" else (2, 3))
 
-    resumed = run(student_doc(student, 4, **opts, resume=True), tmp_path / "out", quiet=True)
+    resumed = run(student_doc(student, 4, **opts, resume=True), tmp_path / "out")
     m = metrics_of(resumed)
     assert m["resumed_from_epoch"] == pytest.approx(2 if stop_at == "epoch boundary" else 2 + 3 / 8, abs=1e-3)
     assert same(weights(resumed.final.model), weights(straight.final.model))
@@ -177,11 +177,11 @@ def test_without_resume_a_left_checkpoint_is_not_used(teacher, tmp_path, cache, 
     student = student_file(tmp_path, 4)
     opts = {"teacher": str(teacher), "epochs": 2, "limit": 128, "batch_size": 32, "lr": 0.003}
     with monkeypatch.context() as m:
-        m.setattr("compress.methods.distill._after_epoch", lambda epoch: (_ for _ in ()).throw(KeyboardInterrupt()))
+        m.setattr("compress.methods.training._after_epoch", lambda epoch: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
-            run(student_doc(student, 4, **opts), tmp_path / "a", quiet=True)
+            run(student_doc(student, 4, **opts), tmp_path / "a")
     assert len(list(cache.rglob("checkpoint.pt"))) == 1
-    fresh = metrics_of(run(student_doc(student, 4, **opts), tmp_path / "b", quiet=True))
+    fresh = metrics_of(run(student_doc(student, 4, **opts), tmp_path / "b"))
     assert "resumed_from_epoch" not in fresh and len(fresh["epochs"]) == 2
     assert not list(cache.rglob("checkpoint.pt"))
 
@@ -193,10 +193,10 @@ def test_torchrun_two_cpu_processes_train_identical_weights(teacher, tmp_path, c
         import json, os, sys
         import torch
         torch.set_num_threads(1)
-        from compress.cli import main
+        from cli import main
         from compress.pipeline import run
         rank, doc, base = int(os.environ["RANK"]), json.loads(sys.argv[1]), sys.argv[2]
-        result = run(doc, f"{base}/api-rank{rank}", quiet=True)
+        result = run(doc, f"{base}/api-rank{rank}")
         torch.save(result.final.model.state_dict(), f"{base}/weights-rank{rank}.pt")
         sys.exit(main(sys.argv[3:]))
     """))
@@ -248,7 +248,7 @@ def test_a_shallower_transformer_student_is_saved_with_a_replayable_keep_layers_
     assert m["params_student"] < m["params_teacher"]
     art = load_run_dir(tmp_path / "out")
     assert art.model.model.config.num_hidden_layers == 2 and len(art.model.model.encoder.layer) == 2
-    teacher = sources.load(tiny_bert, input_shapes=["input_ids=1x12:int64"]).model
+    teacher = sources.load(tiny_bert, input_shape=["input_ids=1x12:int64"]).model
     x = torch.randint(1, 100, (3, 12))
     with torch.no_grad():
         assert art.model(x).shape == teacher(x).shape
@@ -261,7 +261,7 @@ def test_minilm_three_layer_student_moves_toward_the_teacher_on_real_sentences(t
     started = time.perf_counter()
     doc = {"model": {"source": "zoo:minilm-l6"}, "data": "rotten-tomatoes",
            "stages": [{"distill": {"student_layers": 3, "steps": 40, "batch_size": 16, "max_length": 48, "lr": 2e-4, "eval_limit": 96}}]}
-    result = run(doc, tmp_path / "out", quiet=True)
+    result = run(doc, tmp_path / "out")
     m = metrics_of(result)
     print(f"\nMiniLM-L6 -> 3 layers: held-out cosine to the teacher {m['student_cosine_before']:.4f} -> {m['student_cosine_after']:.4f}"
           f" ({m['params_student']} vs {m['params_teacher']} params) in {time.perf_counter() - started:.1f}s")
@@ -298,7 +298,7 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(cli, teacher, tmp_path
 
 
 def test_a_pipeline_distill_stage_defaults_to_kd_and_validates_its_options():
-    from compress.pipeline import ValidationError, check
+    from compress.plan import ValidationError, check
 
     plan = check({"model": "zoo:mobilenet_v2", "data": "digits", "stages": [{"distill": {"epochs": 2, "optimizer": "sgd"}}]})
     assert plan.stages[0].method.name == "kd" and plan.stages[0].config.epochs == 2

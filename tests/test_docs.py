@@ -7,7 +7,7 @@ import shlex
 import click
 import pytest
 
-from compress.cli import cli
+from cli import cli
 
 from .conftest import ROOT
 

@@ -21,14 +21,15 @@ from torch import nn
 from compress import pipeline, registry, sources
 from compress.artifact import Artifact, load_run_dir
 from compress.errors import CompressError
-from compress.exporters import tensorrt as trt_export
-from compress.exporters.onnx import OnnxConfig, export_onnx
-from compress.exporters.pt2 import PT2Config, export_pt2
-from compress.exporters.torchscript import TorchScriptConfig, export_torchscript
-from compress.exporters.verify import ExportVerificationError
+from exporters import tensorrt as trt_export
+from exporters.onnx import OnnxConfig, export_onnx
+from exporters.pt2 import PT2Config, export_pt2
+from exporters.torchscript import TorchScriptConfig, export_torchscript
+from exporters.verify import ExportVerificationError
 from compress.pipeline import StageContext
-from compress.runners import ONNXRunner, load_runner
-from compress.specs import InputSpec
+from compress.runners import load_runner
+from exporters.onnx import ONNXRunner
+from compress.inputs import InputSpec
 
 from . import models
 
@@ -159,7 +160,7 @@ def test_mobilenet_v2_to_pt2_loads_back_at_other_batch(tmp_path):
 def test_minilm_to_onnx_with_dynamic_batch_and_sequence_via_pipeline(tmp_path):
     doc = {"model": {"source": "zoo:minilm-l6", "input_shape": ["input_ids=1x32:int64", "attention_mask=1x32:int64"]},
            "stages": [{"export": {"target": "onnx", "dynamic_axes": ["batch", "sequence"]}}]}
-    result = pipeline.run(doc, tmp_path / "minilm", quiet=True)
+    result = pipeline.run(doc, tmp_path / "minilm")
     art = result.final
     assert art.format == "onnx" and art.arch["spec"].startswith("hf:")   # the tokenizer can still be found
     metrics = art.stages[-1]["metrics"]
@@ -179,7 +180,7 @@ def test_minilm_to_onnx_with_dynamic_batch_and_sequence_via_pipeline(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_optimize_fuses_attention_and_keeps_outputs(tmp_path):
-    source = sources.load("zoo:minilm-l6", input_shapes=["input_ids=1x16:int64", "attention_mask=1x16:int64"])
+    source = sources.load("zoo:minilm-l6", input_shape=["input_ids=1x16:int64", "attention_mask=1x16:int64"])
     source = source.evolve(input_spec=[InputSpec(s.name, s.shape, s.dtype, (0, 1)) for s in source.input_spec])
     ctx = _ctx(tmp_path)
     art = export_onnx(source, OnnxConfig(optimize=True), ctx)
@@ -204,7 +205,7 @@ def test_optimize_refuses_a_model_that_is_not_bert_like(tmp_path):
 @pytest.mark.parametrize("target", ["onnx", "torchscript", "pt2"])
 def test_residual_cnn_exports_verify_and_run_at_other_batch(tmp_path, target):
     out = tmp_path / f"cnn-{target}"
-    result = pipeline.run(_tiny_cnn_doc(tmp_path, target), out, quiet=True)
+    result = pipeline.run(_tiny_cnn_doc(tmp_path, target), out)
     art = load_run_dir(out)
     assert art.format == {"onnx": "onnx", "torchscript": "torchscript", "pt2": "pt2"}[target]
     assert art.arch == {"spec": "tests.models:TinyCNN", "args": {"num_classes": 5}}
@@ -320,7 +321,7 @@ def test_pt2_aoti_package_runs_at_other_batch(tmp_path):
     torch.manual_seed(0)
     art = Artifact("torch", [InputSpec("input", (1, 4), "float32", (0,))], "x", model=models.tiny_mlp().eval())
     out = pipeline.run({"model": {"source": _save_mlp(tmp_path, art.model), "arch": "tests.models:tiny_mlp", "input_shape": ["1x4"]},
-                        "stages": [{"export": {"target": "pt2", "aoti": True}}]}, tmp_path / "aoti", quiet=True)
+                        "stages": [{"export": {"target": "pt2", "aoti": True}}]}, tmp_path / "aoti")
     loaded = load_run_dir(tmp_path / "aoti")
     assert loaded.extra["aoti"] is True and loaded.path.name == "model.pt2"
     x = torch.randn(6, 4)
@@ -344,18 +345,18 @@ def test_verification_failure_raises_named_error_and_leaves_no_output(tmp_path, 
     monkeypatch.setattr(ONNXRunner, "run", noisy)
     out = tmp_path / "bad"
     with pytest.raises(ExportVerificationError) as info:
-        pipeline.run(_tiny_cnn_doc(tmp_path, "onnx"), out, quiet=True)
+        pipeline.run(_tiny_cnn_doc(tmp_path, "onnx"), out)
     assert "output 0 at batch 2: max abs diff 0.5" in str(info.value)
     assert "output 0 at batch 1" in str(info.value)
     assert isinstance(info.value, CompressError) and len(info.value.failures) == 2
     _no_leftovers(out)
     # the tolerance can be overridden
-    pipeline.run(_tiny_cnn_doc(tmp_path, "onnx", atol=1.0), out, quiet=True)
+    pipeline.run(_tiny_cnn_doc(tmp_path, "onnx", atol=1.0), out)
     assert (out / "model.onnx").is_file()
 
 
 def test_verification_failure_through_cli_is_one_line(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr("compress.runners.TorchScriptRunner.run", lambda self, p: (torch.full((len(p[0]), 5), 7.0),))
+    monkeypatch.setattr("exporters.torchscript.TorchScriptRunner.run", lambda self, p: (torch.full((len(p[0]), 5), 7.0),))
     path = tmp_path / "tiny.pt"
     torch.save(models.tiny_cnn(num_classes=5).state_dict(), path)
     out = tmp_path / "ts"
@@ -527,7 +528,7 @@ class FakeTensorRT(types.ModuleType):
 
 @pytest.fixture
 def cnn_onnx(tmp_path) -> tuple[Path, list[InputSpec]]:
-    from compress.exporters.onnx import export_file
+    from exporters.onnx import export_file
 
     specs = [InputSpec("input", (1, 3, 16, 16), "float32", (0,))]
     path = tmp_path / "cnn.onnx"
@@ -613,7 +614,7 @@ def test_real_tensorrt_engine_runs_at_other_batch(tmp_path):
         pytest.skip("needs an NVIDIA GPU (CUDA), which this machine lacks")
     pytest.importorskip("tensorrt", reason="needs the tensorrt package (pip install 'compress[trt]')")
     out = tmp_path / "trt"
-    pipeline.run(_tiny_cnn_doc(tmp_path, "trt", max_batch=8), out, quiet=True)
+    pipeline.run(_tiny_cnn_doc(tmp_path, "trt", max_batch=8), out)
     art = load_run_dir(out)
     x = torch.randn(5, 3, 32, 32)
     with torch.no_grad():

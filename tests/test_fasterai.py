@@ -91,9 +91,9 @@ def test_filter_granularity_zeros_whole_filters_but_shrinks_nothing(cli, cnn, tm
 def test_iterative_sparsify_with_fine_tuning_keeps_the_zeros_and_recovers_accuracy(cnn, tmp_path):
     src = {"source": cnn, **DIGITS}
     stage = {"method": "fasterai", "amount": 0.75, "criteria": "large_final", "schedule": "agp"}
-    one = run({"model": src, "data": "digits", "stages": [{"prune": stage}]}, tmp_path / "one", quiet=True)
+    one = run({"model": src, "data": "digits", "stages": [{"prune": stage}]}, tmp_path / "one")
     res = run({"model": src, "data": "digits", "seed": 0,
-               "stages": [{"prune": {**stage, "steps": 2, "finetune_epochs": 2, "finetune_lr": 0.003}}]}, tmp_path / "it", quiet=True)
+               "stages": [{"prune": {**stage, "steps": 2, "finetune_epochs": 2, "finetune_lr": 0.003}}]}, tmp_path / "it")
     m, m1 = res.final.stages[-1]["metrics"], one.final.stages[-1]["metrics"]
     assert [s["step"] for s in m["steps"]] == [1, 2] and m["steps"][0]["target"] < m["steps"][1]["target"] == 0.75
     # Fine-tuning trained the weights but never the zeros back: the sparsity is still the asked one.
@@ -109,11 +109,11 @@ def test_wanda_calibrates_on_data_without_touching_fasterais_criteria(cnn, tmp_p
     from fasterai.core import criteria
 
     res = run({"model": {"source": cnn, **DIGITS}, "data": "digits",
-               "stages": [{"prune": {"method": "fasterai", "amount": 0.5, "criteria": "wanda"}}]}, tmp_path / "o", quiet=True)
+               "stages": [{"prune": {"method": "fasterai", "amount": 0.5, "criteria": "wanda"}}]}, tmp_path / "o")
     m = res.final.stages[-1]["metrics"]
     assert m["sparsity"] == pytest.approx(0.5, abs=0.01) and m["criteria"] == "wanda"
     assert criteria.wanda.scale is None   # the calibration went to a copy
-    mag = run({"model": {"source": cnn, **DIGITS}, "stages": [{"prune": {"method": "fasterai", "amount": 0.5}}]}, tmp_path / "m", quiet=True)
+    mag = run({"model": {"source": cnn, **DIGITS}, "stages": [{"prune": {"method": "fasterai", "amount": 0.5}}]}, tmp_path / "m")
     # Activation-weighted scores pick other weights than plain magnitude.
     assert any(not torch.equal(a == 0, b == 0) for a, b in zip(_layers(res.final.model).values(), _layers(mag.final.model).values()))
 
@@ -163,7 +163,7 @@ def test_cli_static_int8_keeps_accuracy_is_smaller_and_reloads_exactly(cli, cnn,
 
 def test_dynamic_int8_needs_no_data_and_reloads_exactly(cnn, tmp_path):
     res = run({"model": {"source": cnn, **DIGITS}, "stages": [{"quantize": {"method": "fasterai", "mode": "dynamic", "check_speed": False}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = res.final.stages[-1]["metrics"]
     assert m["quantized_layers"] == 1 and m["cosine"] > 0.999, m   # the Linear head
     art = sources.load(tmp_path / "o")

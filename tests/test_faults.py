@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from compress import sources
 from compress.errors import CompressError, is_installed
-from compress.pipeline import apply_sets
-from compress.specs import parse_input_shape
+from compress.plan import apply_sets
+from compress.inputs import parse_input_shape
 
 from . import models
 from .conftest import ROOT, subprocess_env
@@ -65,7 +65,7 @@ def _good_file(tmp_path: Path, fmt: str, model: torch.nn.Module, x: torch.Tensor
         torch.jit.trace(model, x).save(str(tmp_path / "good.torchscript.pt"))
     else:
         from compress.artifact import Artifact, save
-        from compress.specs import InputSpec
+        from compress.inputs import InputSpec
 
         save(Artifact("torch", [InputSpec("input", (1, 3, 16, 16))], "x", model=model,
                       arch={"spec": "tests.models:tiny_cnn", "args": {"num_classes": 5}}), tmp_path / "run")
@@ -93,7 +93,7 @@ def test_fuzzed_checkpoints_load_or_fail_cleanly(tmp_path, fmt, record_property)
         target.write_bytes(blob)
         outcomes["tried"] += 1
         try:
-            art = sources.load(source, input_shapes=["1x3x16x16"], **arch)
+            art = sources.load(source, input_shape=["1x3x16x16"], **arch)
             load_runner(art)(x)
             outcomes["loaded"] += 1
         except CompressError as exc:
@@ -129,7 +129,7 @@ def _start_pipeline(tmp_path: Path, out: Path, *extra: str) -> tuple[subprocess.
         torch.save(models.tiny_cnn(num_classes=5, channels=32).state_dict(), src)
     pipe = tmp_path / "p.yaml"
     pipe.write_text(PIPELINE.format(src=src))
-    proc = subprocess.Popen([sys.executable, "-m", "compress.cli", "--quiet", *extra, "run", str(pipe), "-o", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "--quiet", *extra, "run", str(pipe), "-o", str(out)],
                             cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     return proc, pipe, _digest(src)
 
@@ -212,7 +212,7 @@ def test_kills_at_random_points_leave_out_whole_or_absent_and_the_input_intact(t
             assert "--resume" in err, err[-1000:]          # this run was interrupted after a stage: it says how to go on
     print(f"kill test: {counts}")
     record_property("kills", json.dumps(counts))
-    from compress.outputs import clean_stale
+    from compress.rundir import clean_stale
 
     clean_stale(tmp_path)
     assert _dot_entries(tmp_path) == []
@@ -243,7 +243,7 @@ def test_sigkill_mid_run_leaves_a_partial_that_the_next_run_removes(tmp_path, cl
 
 
 def test_stale_partials_are_removed_only_when_their_owner_is_gone(tmp_path):
-    from compress.outputs import _owner_tag, clean_stale
+    from compress.rundir import _owner_tag, clean_stale
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     dead = int(done.stdout)                               # a process that has exited (and was reaped)
@@ -347,7 +347,7 @@ def test_same_inputs_and_seed_give_bit_identical_outputs(tmp_path):
 
     digests = []
     for name in ("a", "b"):
-        run(doc, tmp_path / name, quiet=True)
+        run(doc, tmp_path / name)
         files = sorted(p for p in (tmp_path / name / "stages").rglob("*") if p.suffix in (".onnx", ".safetensors"))
         digests.append({p.relative_to(tmp_path / name).as_posix(): _digest(p) for p in files})
     assert digests[0] and digests[0] == digests[1]
@@ -365,7 +365,7 @@ def test_no_space_left_is_one_clean_line_and_leaves_nothing(tmp_path, cli, monke
         if ".partial" in str(a):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_rename(a, b)
-    monkeypatch.setattr("compress.outputs.os.rename", full_disk)
+    monkeypatch.setattr("compress.rundir.os.rename", full_disk)
     r = cli("prune", src, "--arch", "tests.models:tiny_cnn", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x16x16",
             "--method", "magnitude", "-o", tmp_path / "o")
     assert r.rc == 1 and "no space left" in r.err.lower() and "Traceback" not in r.err
@@ -396,7 +396,7 @@ def test_long_distillation_keeps_memory_flat(tmp_path, monkeypatch):
 
     def distill(steps: int, name: str) -> float:
         run({"model": src, "data": "digits", "stages": [{"distill": {"steps": steps, "batch_size": 32, "student_init": "random"}}]},
-            tmp_path / name, quiet=True)
+            tmp_path / name)
         gc.collect()
         return _rss_mb()
     threads = torch.get_num_threads()
@@ -499,7 +499,7 @@ def _case(name: str, d: Path, out: Path, monkeypatch) -> tuple[list, str]:
         return (["export", d / "lin.pt", "--arch", f"{d / 'custom_op_net.py'}:Net", "--input-shape", "1x4", "--target", "onnx", "-o", out],
                 "operator compress_faults.mystery is not supported")
     if name == "export verification failure":
-        monkeypatch.setattr("compress.runners.TorchScriptRunner.run", lambda self, p: (torch.full((len(p[0]), 5), 7.0),))
+        monkeypatch.setattr("exporters.torchscript.TorchScriptRunner.run", lambda self, p: (torch.full((len(p[0]), 5), 7.0),))
         return ["export", src, *TINY, "--target", "torchscript", "-o", out], "does not match its source"
     if name == "calibration set empty":
         np.savez(d / "empty.npz", inputs=np.zeros((0, 3, 32, 32), dtype=np.float32))
@@ -554,7 +554,7 @@ def _case(name: str, d: Path, out: Path, monkeypatch) -> tuple[list, str]:
         from compress.pipeline import run
 
         run({"model": {"source": str(src), "arch": TINY[1], "arch_args": TINY[3], "input_shape": [TINY[5]]},
-             "stages": [{"prune": {"method": "magnitude"}}]}, d / "run", quiet=True)
+             "stages": [{"prune": {"method": "magnitude"}}]}, d / "run")
         return ["--force", "prune", d / "run", "--method", "magnitude", "-o", d / "run"], "would overwrite the input"
     if name == "untrusted pickle":
         torch.save(models.tiny_cnn(num_classes=5), d / "whole.pt")
@@ -651,7 +651,7 @@ def test_a_full_disk_is_one_clean_line_and_leaves_nothing(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     for argv in (["prune", src, *BIG, "--method", "magnitude", "-o", disk / "out"],):   # safetensors' Rust writer fails
-        cmd = " ".join(f"'{a}'" for a in [sys.executable, "-m", "compress.cli", *map(str, argv)])
+        cmd = " ".join(f"'{a}'" for a in [sys.executable, "-m", "cli", *map(str, argv)])
         proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{disk}' && {cmd}; "
                                f"rc=$?; ls -A '{disk}'; exit $rc"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
         if "mount" in proc.stderr and proc.returncode != 1:
@@ -669,7 +669,7 @@ def test_a_file_size_limit_is_one_clean_line_and_leaves_nothing(tmp_path):
     before = _digest(src)
     out = tmp_path / "out"
     code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000)); "
-            "from compress.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "prune", str(src), *BIG, "--method", "magnitude", "-o", str(out)],
                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

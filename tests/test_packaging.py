@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -28,7 +29,12 @@ def _run(cmd, cwd, timeout=300) -> subprocess.CompletedProcess:
 def installed(tmp_path_factory) -> Path:
     """A venv holding compress installed from a freshly built wheel; returns its bin/ folder."""
     tmp = tmp_path_factory.mktemp("wheel")
-    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", ROOT], tmp)
+    # Built from a copy of the tree git knows (not .venv, runs/...): a build writes build/ and *.egg-info beside the sources.
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in tracked:
+        (tmp / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tmp / "src" / name)
+    built = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp / "dist", tmp / "src"], tmp)
     assert built.returncode == 0, built.stderr[-3000:]
     warnings = [ln for ln in (built.stdout + built.stderr).splitlines()
                 if "warning" in ln.lower() and "Location 'file:" not in ln and "Editable" not in ln]

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from compress import pipeline, sources
+from compress import pipeline, plan, sources
 from compress.errors import CompressError
-from compress.pipeline import ValidationError, apply_sets, check
+from compress.plan import ValidationError, apply_sets, check
 
 from . import models
 
@@ -156,7 +157,7 @@ def test_nothing_to_do_is_an_error(tiny_state, tmp_path):
 def test_run_writes_the_contract_manifest(tiny_state, tmp_path, fake_methods):
     path, ref = tiny_state
     out = tmp_path / "out"
-    result = pipeline.run(_doc(path, {"prune": {"method": "test-scale", "factor": 0.5}}), out, quiet=True)
+    result = pipeline.run(_doc(path, {"prune": {"method": "test-scale", "factor": 0.5}}), out)
     assert result.out == out and [label for label, _ in result.artifacts] == ["source", "01-prune-test-scale"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"format", "model_file", "source", "input_spec", "stages", "env"} <= set(manifest)
@@ -179,14 +180,16 @@ def test_run_writes_the_contract_manifest(tiny_state, tmp_path, fake_methods):
 def test_stages_accumulate_across_run_directories(tiny_state, tmp_path, fake_methods):
     path, ref = tiny_state
     first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
-    pipeline.run(_doc(path, {"prune": {"method": "test-scale", "factor": 0.5}}), first, quiet=True)
+    pipeline.run(_doc(path, {"prune": {"method": "test-scale", "factor": 0.5}}), first)
     pipeline.run({"model": {"source": str(first)}, "stages": [{"prune": {"method": "test-scale", "factor": 0.5, "mode": "linear"}},
-                                                              {"prune": {"method": "test-scale", "factor": 0.5}}]}, second, quiet=True)
-    pipeline.run({"model": str(second), "stages": [{"export": {"target": "test-trace"}}]}, third, quiet=True)
+                                                              {"prune": {"method": "test-scale", "factor": 0.5}}]}, second)
+    pipeline.run({"model": str(second), "stages": [{"export": {"target": "test-trace"}}]}, third)
     m2 = json.loads((second / "manifest.json").read_text())
     assert m2["source"] == str(path)   # what the first stage of the whole history was given
     assert [(s["stage"], s["config"]["mode"]) for s in m2["stages"]] == [("prune", "all"), ("prune", "linear"), ("prune", "all")]
-    assert m2["model_file"] == "stages/02-prune-test-scale/model.safetensors"
+    # one layout: every stage under stages/, the final model at the top (the last stage's file, hard-linked)
+    assert m2["model_file"] == "model.safetensors"
+    assert os.path.samefile(second / "model.safetensors", second / "stages/02-prune-test-scale/model.safetensors")
     assert m2["pipeline"] == {"stages": ["01-prune-test-scale", "02-prune-test-scale"]}
     for label in ("01-prune-test-scale", "02-prune-test-scale"):
         assert len(json.loads((second / "stages" / label / "manifest.json").read_text())["stages"]) == int(label[:2]) + 1
@@ -208,7 +211,7 @@ def test_failed_stage_keeps_completed_ones_and_resume_reuses_them(tiny_state, tm
     out = tmp_path / "out"
     doc = _doc(path, {"prune": {"method": "test-scale", "factor": 0.5}}, {"prune": {"method": "test-scale", "factor": 0.5, "fail": True}})
     with pytest.raises(CompressError) as info:
-        pipeline.run(doc, out, quiet=True)
+        pipeline.run(doc, out)
     assert "told to fail" in str(info.value) and "--resume" in str(info.value) and "completed stage(s) are kept" in str(info.value)
     assert fake_methods == ["scale:0.5", "scale:0.5"]
     assert sorted(p.name for p in (out / "stages").iterdir()) == ["01-prune-test-scale"]
@@ -218,10 +221,10 @@ def test_failed_stage_keeps_completed_ones_and_resume_reuses_them(tiny_state, tm
     assert _leftovers(tmp_path) == []
     # without --resume or --force, OUT is not touched
     with pytest.raises(CompressError, match="already exists"):
-        pipeline.run(doc, out, quiet=True)
+        pipeline.run(doc, out)
     # --resume reuses the completed stage: only the second runs again
     fake_methods.clear()
-    result = pipeline.run(apply_sets(doc, ["stages.1.fail=false"]), out, resume=True, quiet=True)
+    result = pipeline.run(apply_sets(doc, ["stages.1.fail=false"]), out, resume=True)
     assert fake_methods == ["scale:0.5"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert "status" not in manifest and len(manifest["stages"]) == 2
@@ -229,7 +232,7 @@ def test_failed_stage_keeps_completed_ones_and_resume_reuses_them(tiny_state, tm
     _assert_scaled(out, ref, 0.25)
     # a changed config is not reused
     fake_methods.clear()
-    pipeline.run(apply_sets(doc, ["stages.0.factor=1.0", "stages.1.fail=false"]), out, resume=True, quiet=True)
+    pipeline.run(apply_sets(doc, ["stages.0.factor=1.0", "stages.1.fail=false"]), out, resume=True)
     assert fake_methods == ["scale:1.0", "scale:0.5"]
     _assert_scaled(out, ref, 0.5)
     assert _leftovers(tmp_path) == []
@@ -240,7 +243,7 @@ def test_failure_leaves_nothing_behind(tiny_state, tmp_path, fake_methods, stage
     out = tmp_path / "out"
     doc = _doc(tiny_state[0], *[{"prune": {"method": "test-scale", "fail": True}}] * stages)
     with pytest.raises(CompressError, match="told to fail") as info:
-        pipeline.run(doc, out, quiet=True)
+        pipeline.run(doc, out)
     assert "kept" not in str(info.value)
     assert not out.exists() and list(tmp_path.iterdir()) == [tiny_state[0]]
 
@@ -251,25 +254,25 @@ def test_existing_out_is_untouched_without_force(tiny_state, tmp_path, fake_meth
     (out / "keep.txt").write_text("mine")
     doc = _doc(tiny_state[0], {"prune": {"method": "test-scale"}})
     with pytest.raises(CompressError, match="output .*out already exists.*--force"):
-        pipeline.run(doc, out, quiet=True)
+        pipeline.run(doc, out)
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert fake_methods == []
     # --force replaces compress outputs only, never a folder of the user's.
     with pytest.raises(CompressError, match="did not write"):
-        pipeline.run(doc, out, force=True, quiet=True)
+        pipeline.run(doc, out, force=True)
     assert (out / "keep.txt").read_text() == "mine"
     (out / "keep.txt").unlink()
-    pipeline.run(doc, out, force=True, quiet=True)
-    pipeline.run(doc, out, force=True, quiet=True)   # and an earlier compress output is replaced
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors"]
+    pipeline.run(doc, out, force=True)
+    pipeline.run(doc, out, force=True)   # and an earlier compress output is replaced
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.safetensors", "stages"]
     assert _leftovers(tmp_path) == []
 
 
 def test_out_may_not_overwrite_its_input(tmp_path, tiny_state, fake_methods):
     first = tmp_path / "first"
-    pipeline.run(_doc(tiny_state[0], {"prune": {"method": "test-scale"}}), first, quiet=True)
+    pipeline.run(_doc(tiny_state[0], {"prune": {"method": "test-scale"}}), first)
     with pytest.raises(CompressError, match="would overwrite the input"):
-        pipeline.run({"model": str(first), "stages": [{"prune": {"method": "test-scale"}}]}, first, force=True, quiet=True)
+        pipeline.run({"model": str(first), "stages": [{"prune": {"method": "test-scale"}}]}, first, force=True)
     assert json.loads((first / "manifest.json").read_text())["stages"][0]["config"]["factor"] == 0.5
 
 
@@ -279,7 +282,7 @@ def test_yaml_pipeline_with_relative_source(tmp_path, tiny_state, fake_methods):
     tiny_state[0].rename(tmp_path / "sub" / "tiny.pt")
     text = yaml.safe_dump(_doc(Path("tiny.pt"), {"prune": {"method": "test-scale"}}))
     (tmp_path / "sub" / "p.yaml").write_text(text)
-    doc = pipeline.read_pipeline(tmp_path / "sub" / "p.yaml")
+    doc = plan.read_pipeline(tmp_path / "sub" / "p.yaml")
     assert doc["model"]["source"] == str(tmp_path / "sub" / "tiny.pt")
     assert check(doc).stages[0].method.name == "test-scale"
 
@@ -288,9 +291,10 @@ def test_a_failed_run_used_as_source_does_not_pass_its_status_on(tiny_state, tmp
     failed, later = tmp_path / "failed", tmp_path / "later"
     doc = _doc(tiny_state[0], {"prune": {"method": "test-scale"}}, {"prune": {"method": "test-scale", "fail": True}})
     with pytest.raises(CompressError):
-        pipeline.run(doc, failed, quiet=True)
+        pipeline.run(doc, failed)
     assert json.loads((failed / "manifest.json").read_text())["status"] == "failed"
-    pipeline.run({"model": str(failed), "stages": [{"prune": {"method": "test-scale"}}]}, later, quiet=True)
+    pipeline.run({"model": str(failed), "stages": [{"prune": {"method": "test-scale"}}]}, later)
     manifest = json.loads((later / "manifest.json").read_text())
-    assert not {"status", "error", "pipeline"} & set(manifest), manifest
+    assert not {"status", "error"} & set(manifest), manifest
+    assert manifest["pipeline"] == {"stages": ["01-prune-test-scale"]}          # its own, not the failed run's
     assert len(manifest["stages"]) == 2

@@ -31,7 +31,7 @@ def _metrics(res):
 def ort_static_digits(tmp_path_factory, digits_source):
     """onnxruntime static int8 of the digits CNN (PTQ): the baseline QAT is compared with."""
     out = tmp_path_factory.mktemp("ort_static") / "o"
-    return run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "static", "samples": 256}}]}, out, quiet=True)
+    return run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "static", "samples": 256}}]}, out)
 
 
 def test_onnxruntime_static_int8_keeps_digits_accuracy(ort_static_digits):
@@ -70,13 +70,13 @@ def test_reduce_range_auto_is_recorded_and_explicit_values_are_kept(tmp_path, di
 
     monkeypatch.setattr(cpu, "_flags", lambda: frozenset("fpu avx avx2 fma".split()))   # as on an AVX2 CPU without VNNI
     res = run({"model": digits_source, "data": "digits",
-               "stages": [{"quantize": {"method": "static", "samples": 32, "check_speed": False}}]}, tmp_path / "a", quiet=True)
+               "stages": [{"quantize": {"method": "static", "samples": 32, "check_speed": False}}]}, tmp_path / "a")
     m = _metrics(res)
     assert m["reduce_range"] is True and "no VNNI" in m["reduce_range_why"], m
     assert res.final.stages[-1]["config"]["reduce_range"] == "auto"
     res = run({"model": digits_source, "data": "digits",
                "stages": [{"quantize": {"method": "static", "samples": 32, "check_speed": False, "reduce_range": False}}]},
-              tmp_path / "b", quiet=True)
+              tmp_path / "b")
     assert _metrics(res)["reduce_range"] is False and "reduce_range_why" not in _metrics(res)
     r = cli("quantize", digits_source["source"], "--arch", digits_source["arch"], "--input-shape", "1x1x8x8", "--method", "static",
             "--data", "digits", "-s", "reduce_range=sometimes", "-o", tmp_path / "c")
@@ -85,7 +85,7 @@ def test_reduce_range_auto_is_recorded_and_explicit_values_are_kept(tmp_path, di
 
 def test_torch_static_int8_pt2e_aoti(tmp_path, digits_source):
     res = run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "static", "backend": "torch", "samples": 128}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = _metrics(res)
     assert res.final.format == "pt2" and res.final.extra["aoti"]
     assert m["accuracy_drop"] < 0.03, m
@@ -94,14 +94,14 @@ def test_torch_static_int8_pt2e_aoti(tmp_path, digits_source):
 
 
 def test_auto_picks_static_for_a_cnn_and_dynamic_for_an_lstm(tmp_path, digits_source):
-    res = run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "auto", "samples": 64}}]}, tmp_path / "cnn", quiet=True)
+    res = run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "auto", "samples": 64}}]}, tmp_path / "cnn")
     assert _metrics(res)["auto"]["picked"] == "static" and res.final.format == "onnx"
     from .test_prune_quantize import tiny_lstm
 
     path = tmp_path / "lstm.pt"
     torch.save(tiny_lstm().state_dict(), path)
     res = run({"model": {"source": str(path), "arch": "tests.test_prune_quantize:tiny_lstm", "input_shape": ["1x5x8"]},
-               "stages": [{"quantize": {"method": "auto"}}]}, tmp_path / "lstm", quiet=True)
+               "stages": [{"quantize": {"method": "auto"}}]}, tmp_path / "lstm")
     auto = _metrics(res)["auto"]
     assert auto["picked"] == "dynamic" and auto["linear_share"] > 0.9
     assert set(auto["candidates"]) <= {"torch", "onnxruntime"} and auto["backend"] in auto["candidates"]
@@ -154,7 +154,7 @@ def test_require_speedup_fails_when_int8_is_not_faster(tmp_path, cli):
 @pytest.mark.slow
 def test_mobilenet_v2_static_int8_agrees_with_fp32_on_real_photos(tmp_path):
     res = run({"model": {"source": "zoo:mobilenet_v2"}, "data": "photos", "stages": [{"quantize": {"method": "static", "samples": 36}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = _metrics(res)
     # Measured on 63 held-out photos: 0.984 on an AVX-512 VNNI CPU; 0.81 on an AVX2 CPU without VNNI, where the kernels'
     # int16 sums make 7-bit weights necessary (reduce_range=auto; 0.75 and cosine 0.950 with 8-bit ones).
@@ -166,7 +166,7 @@ def test_mobilenet_v2_static_int8_agrees_with_fp32_on_real_photos(tmp_path):
 @pytest.mark.slow
 def test_minilm_onnxruntime_dynamic_int8_embeddings(tmp_path):
     res = run({"model": {"source": "zoo:minilm-l6"}, "data": "rotten-tomatoes", "stages": [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = _metrics(res)
     assert res.final.format == "onnx"
     # Measured: cosine 0.9916, 90.9 MB -> 22.9 MB (MatMul weights and the embedding tables in int8).
@@ -221,7 +221,7 @@ def _assert_reload_identical(res, shape):
 
 def test_torch_dynamic_exclude_globs_keep_layers_float_and_reload(tmp_path, outlier_source):
     res = run({"model": outlier_source, "stages": [{"quantize": {"method": "dynamic", "exclude": ["2", "*4"], "check_speed": False}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = _metrics(res)
     assert m["kept_float"] == ["2", "4"] and m["quantized_layers"] == 1 and m["activation_bits"] == 8
     assert res.final.rebuild[-1]["exclude"] == ["2", "4"] and res.final.rebuild[-1]["reduce_range"] is False
@@ -238,7 +238,7 @@ def test_exclude_pattern_matching_nothing_is_a_clean_error(tmp_path, outlier_sou
 
 def test_min_cosine_keeps_the_measured_most_sensitive_layer_in_float(tmp_path, outlier_source):
     res = run({"model": outlier_source, "stages": [{"quantize": {"method": "dynamic", "min_cosine": 0.999, "check_speed": False}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = _metrics(res)
     search = m["fidelity_search"]
     assert search["first_attempt_cosine"] < 0.95                      # all int8: the outlier layer ruins it
@@ -263,7 +263,7 @@ def test_speed_check_runs_both_models_on_one_thread(tmp_path, digits_source, mon
     from compress import runners
     from compress.methods import quantize
 
-    res = run({"model": digits_source, "stages": [{"export": {"target": "onnx"}}]}, tmp_path / "o", quiet=True)
+    res = run({"model": digits_source, "stages": [{"export": {"target": "onnx"}}]}, tmp_path / "o")
     made = []
     real = runners.load_runner
 
@@ -279,7 +279,7 @@ def test_speed_check_runs_both_models_on_one_thread(tmp_path, digits_source, mon
 # ---------------------------------------------------------------- quantization-aware training
 def test_qat_keeps_accuracy_at_least_as_well_as_static_ptq(tmp_path, digits_source, ort_static_digits):
     res = run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "qat", "epochs": 1, "limit": 512}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m, ptq = _metrics(res), _metrics(ort_static_digits)
     assert res.final.format == "pt2" and res.final.extra["aoti"] and "QAT" in m["flow"]
     # Measured: fp32 0.947, static PTQ (onnxruntime) ~0.94, QAT 0.967 after one epoch on 512 samples.
@@ -309,7 +309,7 @@ def test_minilm_torch_dynamic_int8_keeps_sentence_embeddings(tmp_path):
     # With 8-bit activations (the default; -s reduce_range=true restores 7) every Linear stays int8 and cosine is 0.992.
     # Measured at batch 1, 1 thread, real sentences (mean 28 tokens): fp32 38.4 ms, 7-bit 16.2 ms, 8-bit 13.6 ms.
     res = run({"model": {"source": "zoo:minilm-l6"}, "data": "rotten-tomatoes", "stages": [{"quantize": {"method": "dynamic"}}]},
-              tmp_path / "o", quiet=True)
+              tmp_path / "o")
     m = _metrics(res)
     assert res.final.format == "torch-quantized" and m["activation_bits"] == 8
     assert m["cosine"] >= 0.99, m         # fp32 reference: the original model, on 256 held-out rotten-tomatoes sentences
@@ -321,7 +321,7 @@ def test_minilm_torch_dynamic_int8_keeps_sentence_embeddings(tmp_path):
     assert torch.equal(load_runner(art)(*x)[0], load_runner(res.final)(*x)[0])
     # With Embedding in the layers, the lookup tables become int8 too (weight-only, a scale per row): 23.5 MB, cosine 0.992.
     res = run({"model": {"source": "zoo:minilm-l6"}, "data": "rotten-tomatoes",
-               "stages": [{"quantize": {"method": "dynamic", "layers": ["Linear", "Embedding"], "check_speed": False}}]}, tmp_path / "e", quiet=True)
+               "stages": [{"quantize": {"method": "dynamic", "layers": ["Linear", "Embedding"], "check_speed": False}}]}, tmp_path / "e")
     m = _metrics(res)
     assert m["cosine"] >= 0.99 and m["size_bytes_after"] < 0.3 * m["size_bytes_before"], m
     art = sources.load(tmp_path / "e")
@@ -336,7 +336,7 @@ def test_fashion_mnist_static_int8_on_the_full_test_set(tmp_path):
     needs_fashion_mnist()
     # Calibration draws from the training split (calibration_batches prefers bundle.train); accuracy uses all 10,000 test images.
     res = run({"model": {"source": "zoo:fmnist-resnet"}, "data": "fashion-mnist",
-               "stages": [{"quantize": {"method": "static", "backend": "onnxruntime", "samples": 512}}]}, tmp_path / "o", quiet=True)
+               "stages": [{"quantize": {"method": "static", "backend": "onnxruntime", "samples": 512}}]}, tmp_path / "o")
     bundle = load_data("fashion-mnist")
     assert len(bundle.eval) == 10_000
     fp32 = accuracy(load_runner(res.artifacts[0][1]), bundle)

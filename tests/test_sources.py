@@ -14,7 +14,7 @@ from torch import nn
 from compress import sources
 from compress.artifact import Artifact, save
 from compress.errors import CompressError
-from compress.specs import InputSpec
+from compress.inputs import InputSpec
 
 from . import models
 from .conftest import ROOT, subprocess_env, python_cmd
@@ -116,7 +116,7 @@ def test_python_file_callable_with_arch_args(tmp_path):
     ref = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
     path = tmp_path / "w.pt"
     torch.save(ref.state_dict(), path)
-    art = sources.load(path, f"{arch_file}:build", '{"width": 6}', input_shapes=["1x4"])
+    art = sources.load(path, f"{arch_file}:build", '{"width": 6}', input_shape=["1x4"])
     assert art.arch == {"spec": f"{arch_file}:build", "args": {"width": 6}}
     assert art.input_spec == [InputSpec("input", (1, 4), "float32", (0,))]
     _same_output(art.model, ref, torch.randn(3, 4))
@@ -124,7 +124,7 @@ def test_python_file_callable_with_arch_args(tmp_path):
 
 def test_package_module_callable(tiny_state):
     path, ref = tiny_state
-    art = sources.load(path, "tests.models:TinyCNN", {"num_classes": 5}, input_shapes=("1x3x32x32",))
+    art = sources.load(path, "tests.models:TinyCNN", {"num_classes": 5}, input_shape=("1x3x32x32",))
     assert type(art.model).__name__ == "TinyCNN"
     _same_output(art.model, ref, X32)
 
@@ -148,7 +148,7 @@ def test_safetensors_state_dict(tmp_path):
     ref = models.tiny_cnn(num_classes=5)
     path = tmp_path / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
-    art = sources.load(path, "tests.models:TinyCNN", {"num_classes": 5}, input_shapes="1x3x32x32")
+    art = sources.load(path, "tests.models:TinyCNN", {"num_classes": 5}, input_shape="1x3x32x32")
     _same_output(art.model, ref, X32)
 
 
@@ -159,7 +159,7 @@ def test_wrapped_and_data_parallel_state_dicts(tmp_path):
     ddp = tmp_path / "ddp.pt"
     torch.save({f"module.{k}": v for k, v in ref.state_dict().items()}, ddp)
     for path in (wrapped, ddp):
-        art = sources.load(path, "tests.models:TinyCNN", {"num_classes": 5}, input_shapes=["1x3x32x32"])
+        art = sources.load(path, "tests.models:TinyCNN", {"num_classes": 5}, input_shape=["1x3x32x32"])
         assert models.same_weights(art.model, ref)
 
 
@@ -170,7 +170,7 @@ def test_torchscript_archive(tmp_path):
     torch.jit.trace(ref, X32[:1]).save(str(path))
     with pytest.raises(CompressError, match="TorchScript archive.*--input-shape"):
         sources.load(path)
-    art = sources.load(path, input_shapes=["1x3x32x32"])
+    art = sources.load(path, input_shape=["1x3x32x32"])
     assert art.format == "torchscript" and art.path == path and art.model is None
     assert art.input_spec[0].shape == (1, 3, 32, 32)
 
@@ -201,7 +201,7 @@ def test_run_directory_from_artifact_save(tmp_path):
     assert loaded.stages == art.stages
     _same_output(loaded.model, ref, X32)
     # --input-shape overrides the recorded spec
-    assert sources.load(run_dir, input_shapes=["1x3x64x64"]).input_spec[0].shape == (1, 3, 64, 64)
+    assert sources.load(run_dir, input_shape=["1x3x64x64"]).input_spec[0].shape == (1, 3, 64, 64)
 
 
 def test_run_directory_with_missing_model_file(tmp_path):
@@ -227,10 +227,10 @@ def test_pickled_module_needs_trust_pickle(tmp_path):
     path = tmp_path / "whole.pt"
     torch.save(ref, path)
     with pytest.raises(CompressError) as info:
-        sources.load(path, input_shapes=["1x3x32x32"])
+        sources.load(path, input_shape=["1x3x32x32"])
     msg = str(info.value)
     assert "pickled" in msg and "runs whatever code the file contains" in msg and "--trust-pickle" in msg
-    art = sources.load(path, input_shapes=["1x3x32x32"], trust_pickle=True)
+    art = sources.load(path, input_shape=["1x3x32x32"], trust_pickle=True)
     assert art.format == "torch" and art.arch is None
     _same_output(art.model, ref, X32)
 
@@ -256,7 +256,7 @@ def _evil_files(tmp_path) -> tuple[Path, list[Path]]:
 def test_malicious_pickle_never_runs_without_the_flag(tmp_path):
     marker, files = _evil_files(tmp_path)
     for path in files:
-        for kwargs in ({}, {"arch": "tests.models:TinyCNN"}, {"input_shapes": ["1x4"]}):
+        for kwargs in ({}, {"arch": "tests.models:TinyCNN"}, {"input_shape": ["1x4"]}):
             with pytest.raises(CompressError, match="pickle|PyTorch checkpoint"):
                 sources.load(path, **kwargs)
             assert not marker.exists(), f"loading {path.name} with {kwargs} ran the pickle's code"
@@ -284,7 +284,7 @@ def test_mismatched_state_dict_names_offending_keys(tmp_path):
         path = tmp_path / f"{name}.pt"
         torch.save(sd, path)
         with pytest.raises(CompressError, match=pattern) as info:
-            sources.load(path, "tests.models:TinyCNN", input_shapes=["1x3x32x32"])   # default num_classes=10
+            sources.load(path, "tests.models:TinyCNN", input_shape=["1x3x32x32"])   # default num_classes=10
         assert "--arch" in str(info.value)
 
 
@@ -292,7 +292,7 @@ def test_many_missing_keys_are_cut_short(tmp_path):
     path = tmp_path / "other.pt"
     torch.save(nn.Linear(3, 3).state_dict(), path)
     with pytest.raises(CompressError) as info:
-        sources.load(path, "tests.models:TinyCNN", input_shapes=["1x3x32x32"])
+        sources.load(path, "tests.models:TinyCNN", input_shape=["1x3x32x32"])
     msg = str(info.value)
     assert "missing keys stem.0.weight" in msg and "more)" in msg and "unexpected keys weight, bias" in msg
     assert len(msg) < 600
@@ -333,7 +333,7 @@ def test_broken_files_give_one_clean_error(tmp_path):
                 "other-zip": "could not be read|not a PyTorch"}
     for kind, path in _broken_files(tmp_path).items():
         with pytest.raises(CompressError, match=expected[kind]) as info:
-            sources.load(path, "tests.models:TinyCNN", input_shapes=["1x3x32x32"])
+            sources.load(path, "tests.models:TinyCNN", input_shape=["1x3x32x32"])
         assert "\n" not in str(info.value), kind
         assert str(path.name) in str(info.value), kind
 
@@ -443,10 +443,10 @@ def test_onnx_file_reads_its_input_spec(tmp_path):
     assert art.input_spec == [InputSpec("pixels", (1, 3, 8, 8), "float32", (0,))]
     fixed = sources.load(_tiny_onnx(tmp_path / "fixed.onnx", dynamic=False))
     assert fixed.input_spec == [InputSpec("pixels", (2, 3, 8, 8), "float32", ())]
-    override = sources.load(tmp_path / "m.onnx", input_shapes=["4x3x8x8"])
+    override = sources.load(tmp_path / "m.onnx", input_shape=["4x3x8x8"])
     assert override.input_spec == [InputSpec("pixels", (4, 3, 8, 8), "float32", (0,))]
     with pytest.raises(CompressError, match="takes 1 input.s. but 2 --input-shape"):
-        sources.load(tmp_path / "m.onnx", input_shapes=["1x3x8x8", "1x3x8x8"])
+        sources.load(tmp_path / "m.onnx", input_shape=["1x3x8x8", "1x3x8x8"])
 
 
 def test_example_input_and_static_shapes(tmp_path, tiny_state):
@@ -455,18 +455,18 @@ def test_example_input_and_static_shapes(tmp_path, tiny_state):
     arch = ("tests.models:TinyCNN", {"num_classes": 5})
     art = sources.load(tiny_state[0], *arch, example_input=str(example))
     assert art.input_spec == [InputSpec("input", (2, 3, 40, 40), "float32", (0,))]
-    static = sources.load(tiny_state[0], *arch, input_shapes=["1x3x32x32"], static_shapes=True)
+    static = sources.load(tiny_state[0], *arch, input_shape=["1x3x32x32"], static_shapes=True)
     assert static.input_spec[0].dynamic_axes == ()
-    from compress.specs import parse_input_shapes
+    from compress.inputs import parse_input_shapes
 
     ids = parse_input_shapes(["input_ids=1x16:int64", "attention_mask=1x16:long"])
     assert [(s.name, s.dtype) for s in ids] == [("input_ids", "int64"), ("attention_mask", "int64")]
     # ...and a CNN given token inputs is refused when it loads, in one line.
     with pytest.raises(CompressError, match="does not accept input_ids 1x16:int64"):
-        sources.load(tiny_state[0], *arch, input_shapes=["input_ids=1x16:int64", "attention_mask=1x16:long"])
+        sources.load(tiny_state[0], *arch, input_shape=["input_ids=1x16:int64", "attention_mask=1x16:long"])
     for bad, pattern in (("1x3xax2", "not of the form"), ("1x0x3", "zero dimension"), ("1x3:float8", "dtype 'float8'")):
         with pytest.raises(CompressError, match=pattern):
-            sources.load(tiny_state[0], *arch, input_shapes=[bad])
+            sources.load(tiny_state[0], *arch, input_shape=[bad])
     with pytest.raises(CompressError, match="input shape of tests.models:TinyCNN is not known.*--input-shape"):
         sources.load(tiny_state[0], *arch)
 
@@ -484,7 +484,7 @@ def test_relative_arch_file_is_recorded_absolute(tmp_path, monkeypatch, tiny_sta
     work.mkdir()
     (work / "arch.py").write_text("from tests.models import TinyCNN as Net\n")
     monkeypatch.chdir(work)
-    art = sources.load(tiny_state[0], "arch.py:Net", {"num_classes": 5}, input_shapes=["1x3x32x32"])
+    art = sources.load(tiny_state[0], "arch.py:Net", {"num_classes": 5}, input_shape=["1x3x32x32"])
     assert art.arch["spec"] == f"{work / 'arch.py'}:Net"
     save(art, tmp_path / "run")
     monkeypatch.chdir(tmp_path)

@@ -8,21 +8,20 @@ Students: the SOURCE itself (e.g. a pruned copy of the teacher), any other archi
 (``student_init: random`` starts it from fresh weights), or a shallower copy of a transformer
 (``student_layers``), saved with a ``keep_layers`` rebuild step so the run directory reloads.
 
-Training is resumable: a checkpoint is written atomically after every epoch (and on Ctrl-C / SIGTERM) into
-``$COMPRESS_CACHE_DIR/distill/<key>/`` (default ``~/.cache/compress``), keyed by the teacher and student
-weights, the config and the data; ``resume: true`` continues from it and reaches the same result, and it is
-deleted after success. Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel (gloo on
-CPU, nccl on GPU); every rank returns the same weights, and only rank 0 writes the checkpoint (the CLI makes
-the other ranks write their OUT to a throw-away folder).
+Training runs in the shared loop (:mod:`.training`), resumable: its checkpoint lives in
+``$COMPRESS_CACHE_DIR/distill/<key>/`` (default ``~/.cache/compress``), keyed by the teacher and student weights, the
+config and the data. Under ``torchrun`` (WORLD_SIZE > 1) it trains with DistributedDataParallel (gloo on CPU, nccl on
+GPU); every rank returns the same weights, and only rank 0 writes the checkpoint (the other ranks write their OUT to a
+throw-away folder). :func:`finetune` is the short distillation that pruning runs between its steps.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -32,12 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..artifact import Artifact, rebuilder
+from ..artifact import Artifact
+from ..config import option
 from ..errors import CompressError, require
-from ..registry import option, register
-from .fasterai import DISTILL_BACKENDS
+from ..registry import register
+from .depth import encoder_layers, keep_layers, spaced_layers
+from .training import FitSettings, Run, cache_dir, fit
 
-CHECKPOINT_VERSION = 1
+# fasterai's logit losses (optional extra) as the soft-target loss, in this same loop.
+DISTILL_LOSSES = ("SoftTarget", "Logits", "Mutual", "DecoupledKD")
+DISTILL_BACKENDS = ("torch", "fasterai", *(f"fasterai:{n}" for n in DISTILL_LOSSES))
 
 
 @dataclass(frozen=True)
@@ -75,48 +78,6 @@ class KDConfig:
     resume: bool = option(False, "continue an interrupted run from its checkpoint")
     backend: str = option("torch", "soft-target loss: torch, or fasterai's (optional extra): fasterai (SoftTarget), "
                           "fasterai:Logits, fasterai:Mutual, fasterai:DecoupledKD (needs labels)", choices=DISTILL_BACKENDS)
-
-
-# ---------------------------------------------------------------- transformers: shallower students
-def encoder_layers(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The (parent, attribute, ModuleList) holding a transformers model's encoder layers."""
-    from ..arch import HFModel
-
-    inner = model.model if isinstance(model, HFModel) else model
-    n = getattr(getattr(inner, "config", None), "num_hidden_layers", None)
-    for name, m in inner.named_modules():
-        if isinstance(m, nn.ModuleList) and n and len(m) == n:
-            parent, _, attr = name.rpartition(".")
-            return inner.get_submodule(parent), attr, m
-    raise CompressError("student_layers needs a transformers model with an encoder layer list",
-                        "Use a transformers (hf:) model, or give a smaller student as SOURCE")
-
-
-def spaced_layers(total: int, keep: int) -> list[int]:
-    """Evenly spaced layer indices from the first to the last: 6 -> 3 keeps [0, 2, 5], 12 -> 6 keeps DistilBERT's."""
-    if keep >= total:
-        return list(range(total))
-    if keep == 1:
-        return [total - 1]
-    return sorted({round(i * (total - 1) / (keep - 1)) for i in range(keep)})
-
-
-@rebuilder("keep_layers")
-def keep_layers(model: nn.Module, step: dict) -> nn.Module:
-    """Replay step: keep only ``step["layers"]`` of the encoder (before the state dict loads)."""
-    layers = [int(i) for i in step["layers"]]
-    parent, attr, old = encoder_layers(model)
-    if any(not 0 <= i < len(old) for i in layers):
-        raise CompressError(f"keep_layers {layers} does not fit a model with {len(old)} layers", "Re-create the run directory")
-    kept = nn.ModuleList([old[i] for i in layers])
-    for new_index, layer in enumerate(kept):
-        for m in layer.modules():
-            if hasattr(m, "layer_idx"):
-                m.layer_idx = new_index
-    setattr(parent, attr, kept)
-    inner = getattr(model, "model", model)
-    inner.config.num_hidden_layers = len(layers)
-    return model
 
 
 # ---------------------------------------------------------------- hooks and the trained module
@@ -214,9 +175,7 @@ def _soft_loss(kind: str, s: torch.Tensor, t: torch.Tensor, temperature: float, 
     s, t = s.float(), t.float()
     if kind == "kl":
         if backend != "torch":
-            from .fasterai import distill_loss
-
-            return distill_loss(backend, s, t, temperature, labels)
+            return _fasterai_loss(backend, s, t, temperature, labels)
         return F.kl_div(F.log_softmax(s / temperature, 1), F.log_softmax(t / temperature, 1), log_target=True,
                         reduction="batchmean") * temperature ** 2
     if kind == "cosine":
@@ -258,7 +217,6 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    quiet = ctx.quiet or rank != 0
 
     bundle = ctx.data()
     if bundle.train is None or len(bundle.train) == 0:
@@ -301,9 +259,7 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
                                 "Distillation matches outputs: give a student with the same number of classes (or embedding size)")
         kind = _output_kind(config, teacher, student, s_out)
         if config.backend != "torch":
-            from .fasterai import check_distill
-
-            check_distill(config.backend, kind, bundle.labelled)
+            _check_fasterai_loss(config.backend, kind, bundle.labelled)
         classifier = not _embedding(teacher, student) and s_out.dim() == 2 and s_out.shape[1] > 1 \
             and (bundle.num_classes is None or s_out.shape[1] == bundle.num_classes)
         alpha = config.alpha if config.alpha is not None else (0.5 if bundle.labelled and classifier else 0.0)
@@ -337,7 +293,7 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
                 find_unused_parameters=isinstance(student, HFModel))
         plan = {"alpha": alpha, "kind": kind, "mapping": mapping}
         started = time.perf_counter()
-        result = _train(trained, wrapper, teacher, t_taps, config, ctx, setup, plan, seed, artifact, teacher_art, quiet, dist)
+        result = _train(trained, wrapper, teacher, t_taps, config, ctx, setup, plan, seed, artifact, dist)
     finally:
         for taps in (t_taps, s_taps):
             if taps is not None:
@@ -348,6 +304,15 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
                         "params_teacher": _params(teacher_art.model), "params_student": _params(student),
                         "train_seconds": round(time.perf_counter() - started, 2)})
     return artifact.evolve(model=student, rebuild=[*artifact.rebuild, *rebuild])
+
+
+def finetune(artifact: Artifact, ctx, *, epochs: float, limit: int | None, labels_only: bool, lr: float | None) -> tuple[Artifact, dict]:
+    """A short distillation from the unpruned model (``ctx.original``), or training on labels alone: what pruning runs
+    between its steps. Returns the tuned artifact and a summary of its numeric metrics."""
+    sub = dataclasses.replace(ctx, metrics={})
+    config = KDConfig(epochs=max(1, int(round(epochs))), limit=limit, eval_limit=2000, alpha=1.0 if labels_only else None, lr=lr)
+    out = kd(artifact, config, sub)
+    return out, {k: v for k, v in sub.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _params(model: nn.Module) -> int:
@@ -375,19 +340,18 @@ def _distributed(device: torch.device):
 
 def _load_teacher(config: KDConfig, ctx, student_specs) -> Artifact:
     if config.teacher:
-        from .. import sources
+        from ..arch import default_input_spec, parse_arch_args
+        from ..formats import STATE_SUFFIXES
+        from ..sources import ModelSpec, load_model
 
         path = Path(config.teacher)
-        if not config.teacher_arch and path.is_file() and path.suffix.lower() in sources.STATE_SUFFIXES:
+        if not config.teacher_arch and path.is_file() and path.suffix.lower() in STATE_SUFFIXES:
             raise CompressError(f"the teacher {path} is a state dict (weights only), so compress needs its architecture",
                                 "Give -s teacher_arch=SPEC (and teacher_arch_args=JSON), or a run directory as --teacher")
 
-        from ..arch import default_input_spec
-
         # A state-dict teacher of a custom architecture eats what the student eats.
-        shapes = [] if not config.teacher_arch or default_input_spec(config.teacher_arch) else \
-            [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in student_specs]
-        teacher = sources.load(config.teacher, config.teacher_arch, config.teacher_arch_args, shapes)
+        inputs = () if not config.teacher_arch or default_input_spec(config.teacher_arch) else tuple(student_specs)
+        teacher = load_model(ModelSpec(str(config.teacher), config.teacher_arch, parse_arch_args(config.teacher_arch_args), inputs))
     else:
         teacher = ctx.original
     if teacher.format != "torch" or teacher.model is None:
@@ -474,190 +438,60 @@ def _inputs(setup: _Setup, ds, idx: list[int]):
 
 
 # ---------------------------------------------------------------- training
-def _train(trained, wrapper, teacher, t_taps, config, ctx, setup: _Setup, plan, seed, artifact, teacher_art, quiet, dist) -> dict:
-    from torch.utils.data import DistributedSampler
-
-    from ..ui import console, progress
+def _train(trained, wrapper, teacher, t_taps, config: KDConfig, ctx, setup: _Setup, plan, seed, artifact, dist) -> dict:
+    """Distillation through the shared loop: the loss parts of a batch, the held-out score, the checkpoint's key."""
+    from ..arch import HFModel
 
     bundle = setup.bundle
     n_train = min(config.limit or len(bundle.train), len(bundle.train))
-    sampler = DistributedSampler(range(n_train), num_replicas=setup.world, rank=setup.rank, shuffle=True, seed=seed)
-    per_rank = len(sampler)
-    bs = config.batch_size
-    # A last batch of one sample is dropped (BatchNorm cannot train on it).
-    steps_per_epoch = per_rank // bs + (1 if per_rank % bs > 1 or per_rank < bs else 0)
-    total_steps = config.steps or config.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    from ..arch import HFModel
-
     lr = config.lr or (0.05 if config.optimizer == "sgd" else 5e-5 if isinstance(wrapper.student, HFModel) else 1e-3)
-    params = [p for p in wrapper.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config.schedule, total_steps, config.warmup_steps))
-    scaler = torch.amp.GradScaler("cuda", enabled=setup.device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported())
     needs_teacher = plan["alpha"] < 1 or config.feature_weight > 0 or config.attention_weight > 0
-
-    ckpt_path = _checkpoint_path(config, ctx, setup, seed, teacher, wrapper)
-    state = {"epoch": 0, "batch": 0, "step": 0, "loss_sum": {}, "loss_n": 0, "log": [], "best": None, "best_epoch": None,
-             "best_state": None, "bad_epochs": 0, "before": None, "rng": None}
-    resumed = None
-    if ckpt_path.exists():
-        if config.resume:
-            saved = _read_checkpoint(ckpt_path)
-            trained_state = saved.pop("model")
-            wrapper.load_state_dict(trained_state)
-            opt.load_state_dict(saved.pop("optimizer"))
-            sched.load_state_dict(saved.pop("scheduler"))
-            scaler.load_state_dict(saved.pop("scaler"))
-            state.update(saved)
-            resumed = state["epoch"] + state["batch"] / steps_per_epoch
-            if not quiet:
-                console().print(f"[dim]resuming from epoch {resumed:.2f} (checkpoint {ckpt_path})[/dim]", soft_wrap=True)
-        elif not quiet:
-            console().print(f"[dim]an interrupted run left a checkpoint ({ckpt_path}); starting over — pass --resume to continue it[/dim]",
-                            soft_wrap=True)
-    elif config.resume and not quiet:
-        console().print("[dim]no checkpoint of an interrupted run with this teacher, student, config and data: starting from the beginning[/dim]",
-                        soft_wrap=True)
-
     teacher_cache: dict = {}
-    if state["before"] is None:
-        state["before"] = {"teacher": _evaluate(teacher, teacher, setup, teacher_cache, config, is_teacher=True),
-                           "student": _evaluate(wrapper, teacher, setup, teacher_cache, config)}
-    last_saved = state["step"]
 
-    def save():
-        nonlocal last_saved
-        if setup.rank == 0:
-            _write_checkpoint(ckpt_path, {**state, "model": wrapper.state_dict(), "optimizer": opt.state_dict(),
-                                          "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                                          "version": CHECKPOINT_VERSION})
-        last_saved = state["step"]
+    def step(idx):
+        return _loss_parts(trained, teacher, t_taps, config, setup, plan, bundle.train, idx, needs_teacher)
 
-    metric = setup.metric
-    completed_buffers = [b.detach().clone() for b in wrapper.buffers()]
-    try:
-        with progress(quiet) as bar:
-            task = bar.add_task("distill", total=total_steps, completed=state["step"], info="")
-            while state["epoch"] < n_epochs and state["step"] < total_steps:
-                epoch, skip = state["epoch"], state["batch"]
-                if skip and state["rng"] is not None:
-                    torch.set_rng_state(state["rng"])
-                else:
-                    torch.manual_seed(seed + 1000 * (epoch + 1) + setup.rank)
-                sampler.set_epoch(epoch)
-                order = list(sampler)
-                chunks = [order[i:i + bs] for i in range(0, len(order), bs)]
-                chunks = [c for c in chunks if len(c) > 1 or len(chunks) == 1]
-                started = time.perf_counter()
-                trained.train()
-                for b, idx in enumerate(chunks):
-                    if b < skip:
-                        continue
-                    if state["step"] >= total_steps:
-                        break
-                    parts = _step(trained, teacher, t_taps, opt, sched, scaler, config, setup, plan, bundle.train, idx, needs_teacher, params)
-                    state["step"] += 1
-                    state["batch"] = b + 1
-                    state["rng"] = torch.get_rng_state()
-                    for k, v in parts.items():
-                        state["loss_sum"][k] = state["loss_sum"].get(k, 0.0) + v
-                    state["loss_n"] += 1
-                    completed_buffers = [b.detach().clone() for b in wrapper.buffers()]
-                    loss = parts["loss"]
-                    best = state["best"]
-                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{n_epochs} loss {loss:.4f}"
-                               + (f" · best {metric} {best:.4f}" if best is not None else ""))
-                if dist is not None:  # DDP syncs buffers (BatchNorm statistics) before each forward: sync after the last one too
-                    for buf in wrapper.buffers():
-                        dist.broadcast(buf.data, 0)
-                score = _evaluate(wrapper, teacher, setup, teacher_cache, config)
-                losses = {k: round(_mean_across(v, state["loss_n"], dist), 6) for k, v in state["loss_sum"].items()}
-                state["log"].append({"epoch": epoch + 1, "steps": state["step"], **losses, "lr": sched.get_last_lr()[0],
-                                     metric: round(score, 6), "seconds": round(time.perf_counter() - started, 3)})
-                if state["best"] is None or score > state["best"]:
-                    state.update(best=score, best_epoch=epoch + 1, bad_epochs=0,
-                                 best_state={k: v.detach().cpu().clone() for k, v in wrapper.student.state_dict().items()})
-                else:
-                    state["bad_epochs"] += 1
-                state.update(epoch=epoch + 1, batch=0, loss_sum={}, loss_n=0, rng=None)
-                bar.update(task, info=f"epoch {epoch + 1}/{n_epochs} {metric} {score:.4f}")
-                save()
-                _after_epoch(epoch + 1)
-                if config.patience and state["bad_epochs"] >= config.patience:
-                    break
-    except BaseException:
-        if state["step"] > last_saved:  # keep the work done since the last epoch for --resume
-            with torch.no_grad():  # an interrupted forward pass may have moved BatchNorm statistics
-                for b, kept in zip(wrapper.buffers(), completed_buffers):
-                    b.copy_(kept)
-            save()
-        raise
-
-    if config.keep_best and state["best_state"] is not None:
-        wrapper.student.load_state_dict(state["best_state"])
-    final = state["best"] if config.keep_best else state["log"][-1][metric]
-    if setup.rank == 0:
-        import shutil
-
-        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
-    before = state["before"]
-    out = {"eval_metric": metric, "epochs": state["log"], "steps": state["step"], "best_epoch": state["best_epoch"],
-           f"student_{metric}_before": round(before["student"], 6), f"student_{metric}_after": round(final, 6),
+    run = Run(wrapper, step, n_train, metric=setup.metric, trained=trained, device=setup.device, world=setup.world,
+              rank=setup.rank, dist=dist,
+              evaluate=lambda: _evaluate(wrapper, teacher, setup, teacher_cache, config),
+              before=lambda: {"teacher": _evaluate(teacher, teacher, setup, teacher_cache, config, is_teacher=True),
+                              "student": _evaluate(wrapper, teacher, setup, teacher_cache, config)})
+    settings = FitSettings(epochs=config.epochs, steps=config.steps, batch_size=config.batch_size, lr=lr, optimizer=config.optimizer,
+                           weight_decay=config.weight_decay, schedule=config.schedule, warmup_steps=config.warmup_steps,
+                           grad_clip=config.grad_clip, amp=config.amp, patience=config.patience, keep_best=config.keep_best, seed=seed)
+    res = fit(run, settings, checkpoint=_checkpoint_path(config, ctx, setup, seed, teacher, wrapper), resume=config.resume,
+              progress=ctx.progress if setup.rank == 0 else None, name="distill")
+    metric, before = setup.metric, res["before"]
+    out = {"eval_metric": metric, "epochs": res["epochs"], "steps": res["steps"], "best_epoch": res["best_epoch"],
+           f"student_{metric}_before": round(before["student"], 6), f"student_{metric}_after": round(res["final"], 6),
            "train_samples": n_train, "eval_samples": min(config.eval_limit or len(bundle.eval), len(bundle.eval)), "lr": lr}
     if metric == "accuracy":
         out["teacher_accuracy"] = round(before["teacher"], 6)
-    if resumed is not None:
-        out["resumed_from_epoch"] = round(resumed, 3)
+    if "resumed_from_epoch" in res:
+        out["resumed_from_epoch"] = res["resumed_from_epoch"]
     return out
 
 
-def _after_epoch(epoch: int) -> None:
-    """Called after each epoch's checkpoint is written (tests replace it to simulate an interruption)."""
-
-
-def _step(trained, teacher, t_taps, opt, sched, scaler, config, setup: _Setup, plan, ds, idx, needs_teacher, params) -> dict:
-    """One optimizer step; returns the loss and its parts (hard, soft, feature, attention) as floats."""
+def _loss_parts(trained, teacher, t_taps, config: KDConfig, setup: _Setup, plan, ds, idx, needs_teacher) -> dict:
+    """The weighted loss parts of one batch: hard labels, soft targets, features, attention."""
     (t_in, s_in), labels = _inputs(setup, ds, idx)
-    with setup.autocast():
-        if needs_teacher:
-            with torch.no_grad():
-                t_out = _main_output(teacher(*t_in))
-                t_feats, t_att = t_taps.take()
-        s_out, s_feats, s_att = trained(*s_in)
-        alpha = plan["alpha"]
-        parts = {}
-        if alpha > 0:
-            parts["hard"] = (alpha, F.cross_entropy(s_out.float(), labels))
-        if alpha < 1:
-            parts["soft"] = (1 - alpha, _soft_loss(plan["kind"], s_out, t_out, config.temperature, config.backend, labels))
-        if config.feature_weight > 0:
-            parts["feature"] = (config.feature_weight,
-                                torch.stack([F.mse_loss(s.float(), _width_last(t).float()) for s, t in zip(s_feats, t_feats)]).mean())
-        if config.attention_weight > 0:
-            parts["attention"] = (config.attention_weight, _attention_loss(s_att, t_att, plan["mapping"]))
-        loss = sum(w * v for w, v in parts.values())
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if config.grad_clip:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-    scaler.step(opt)
-    scaler.update()
-    sched.step()
-    return {"loss": float(loss.detach()), **({f"loss_{k}": float(v.detach()) for k, (_, v) in parts.items()} if len(parts) > 1 else {})}
-
-
-def _lr_lambda(schedule: str, total: int, warmup: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        p = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 if schedule == "constant" else 1.0 - p if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * p))
-    return factor
+    if needs_teacher:
+        with torch.no_grad():
+            t_out = _main_output(teacher(*t_in))
+            t_feats, t_att = t_taps.take()
+    s_out, s_feats, s_att = trained(*s_in)
+    alpha = plan["alpha"]
+    parts = {}
+    if alpha > 0:
+        parts["hard"] = (alpha, F.cross_entropy(s_out.float(), labels))
+    if alpha < 1:
+        parts["soft"] = (1 - alpha, _soft_loss(plan["kind"], s_out, t_out, config.temperature, config.backend, labels))
+    if config.feature_weight > 0:
+        parts["feature"] = (config.feature_weight,
+                            torch.stack([F.mse_loss(s.float(), _width_last(t).float()) for s, t in zip(s_feats, t_feats)]).mean())
+    if config.attention_weight > 0:
+        parts["attention"] = (config.attention_weight, _attention_loss(s_att, t_att, plan["mapping"]))
+    return parts
 
 
 def _evaluate(model, teacher, setup: _Setup, cache: dict, config: KDConfig, is_teacher: bool = False) -> float:
@@ -704,13 +538,6 @@ def _mean_across(total: float, count: int, dist) -> float:
 
 
 # ---------------------------------------------------------------- checkpoints
-def cache_dir() -> Path:
-    root = os.environ.get("COMPRESS_CACHE_DIR")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "compress"
-
-
 def _checkpoint_path(config: KDConfig, ctx, setup: _Setup, seed: int, teacher: nn.Module, wrapper: nn.Module) -> Path:
     """A stable place keyed by the teacher and initial student weights, the config and the data."""
     h = hashlib.sha256()
@@ -724,20 +551,17 @@ def _checkpoint_path(config: KDConfig, ctx, setup: _Setup, seed: int, teacher: n
     return cache_dir() / "distill" / h.hexdigest()[:20] / "checkpoint.pt"
 
 
-def _write_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------- fasterai's losses (optional extra)
+def _fasterai_loss(backend: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float, labels: torch.Tensor) -> torch.Tensor:
+    """The logit loss ``backend`` names ("fasterai" is SoftTarget, else "fasterai:NAME"), from fasterai.distill.losses."""
+    losses = require("fasterai.distill.losses", "fasterai", "the fasterai distillation backend")
+    name = backend.partition(":")[2] or "SoftTarget"
+    return getattr(losses, name)(student, teacher, T=temperature, target=labels)
 
 
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a torn or foreign file
-        raise CompressError(f"the distillation checkpoint {path} cannot be read ({type(exc).__name__})",
-                            "Delete it and run again without --resume") from None
-    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        raise CompressError(f"the distillation checkpoint {path} was written by another version", "Delete it and run again without --resume")
-    state.pop("version")
-    return state
+def _check_fasterai_loss(backend: str, kind: str, labelled: bool) -> None:
+    if kind != "kl":
+        raise CompressError(f"backend={backend} matches classifier logits, and this model's outputs are matched by {kind}",
+                            "Use backend=torch")
+    if backend.endswith(":DecoupledKD") and not labelled:
+        raise CompressError("fasterai's DecoupledKD loss needs labels, and the data has none", "Use backend=fasterai (SoftTarget)")

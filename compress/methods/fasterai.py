@@ -10,7 +10,7 @@
   (no pickle) and rebuilt on load by re-running the quantizer on the architecture, then loading the saved
   int8 weights and scales over it.
 - ``distill -s backend=fasterai[:LOSS]``: fasterai's logit losses (SoftTarget, Logits, Mutual, DecoupledKD)
-  in compress's own training loop (see ``distill_loss``).
+  in compress's own training loop (in :mod:`.distill`).
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..artifact import rebuilder
 from ..errors import CompressError, require
-from ..registry import option, register
-from .pruning import prunable_layers, sparsity
+from ..config import option
+from ..registry import register
+from .distill import finetune
+from .magnitude import prunable_layers, sparsity
 
 PURPOSE = "the fasterai backend"
 # fasterai 0.4.1's names (checked against the installed package when used).
@@ -37,9 +38,7 @@ CRITERIA = ("large_final", "squared_final", "small_final", "random", "large_init
 # Criteria that score the change since pruning started: all equal before any training, so they need fine-tuning.
 CHANGE_CRITERIA = ("magnitude_increase", "movement", "updating_magnitude_increase", "updating_movement", "updating_movmag")
 SCHEDULES = ("one_shot", "iterative", "agp", "one_cycle", "cos", "lin")   # dsd ends dense, so it is left out
-DISTILL_LOSSES = ("SoftTarget", "Logits", "Mutual", "DecoupledKD")
 LAYER_TYPES = (nn.Conv2d, nn.Linear)
-DISTILL_BACKENDS = ("torch", "fasterai", *(f"fasterai:{n}" for n in DISTILL_LOSSES))
 
 
 # ---------------------------------------------------------------- prune
@@ -184,12 +183,11 @@ def _finetune_keeping_zeros(model: nn.Module, layers: list[nn.Module], artifact,
     """Fine-tune with structured pruning's helper while a parametrization holds the zeros at zero."""
     from torch.nn.utils import parametrize
 
-    from .structured import _finetune
-
     for m in layers:
         parametrize.register_parametrization(m, "weight", _Mask((m._mask.expand_as(m.weight) != 0).to(m.weight.dtype)))
     try:
-        tuned, summary = _finetune(artifact.evolve(model=model), config, ctx)
+        tuned, summary = finetune(artifact.evolve(model=model), ctx, epochs=config.finetune_epochs, limit=config.finetune_limit,
+                                  labels_only=config.finetune == "labels", lr=config.finetune_lr)
         model.load_state_dict(tuned.model.state_dict())
     finally:
         for m in layers:
@@ -221,8 +219,7 @@ def fasterai_quantize(model: nn.Module, mode: str, backend: str, per_tensor: boo
     return q.eval()
 
 
-@rebuilder("quantize_fasterai")
-def _rebuild(model: nn.Module, step: dict) -> nn.Module:
+def rebuild_quantized(model: nn.Module, step: dict) -> nn.Module:
     """Re-run the quantizer on the float architecture (calibrated on a dummy input): the saved int8 weights,
     scales and zero points then load over it, so the result is the saved model without unpickling code."""
     example = [torch.randn(*step["example_shape"]).to(getattr(torch, step["example_dtype"]))]
@@ -262,19 +259,3 @@ def quantize(artifact, config: QuantizeConfig, ctx):
                           float_model=artifact.model if config.mode == "dynamic" else None,
                           extra={**artifact.extra, "quantization": f"{config.mode} int8 (fasterai)"})
     return check(artifact, out, config, ctx, retry=None)
-
-
-# ---------------------------------------------------------------- distill
-def distill_loss(backend: str, student: torch.Tensor, teacher: torch.Tensor, temperature: float, labels: torch.Tensor) -> torch.Tensor:
-    """The logit loss ``backend`` names ("fasterai" is SoftTarget, else "fasterai:NAME"), from fasterai.distill.losses."""
-    losses = require("fasterai.distill.losses", "fasterai", "the fasterai distillation backend")
-    name = backend.partition(":")[2] or "SoftTarget"
-    return getattr(losses, name)(student, teacher, T=temperature, target=labels)
-
-
-def check_distill(backend: str, kind: str, labelled: bool) -> None:
-    if kind != "kl":
-        raise CompressError(f"backend={backend} matches classifier logits, and this model's outputs are matched by {kind}",
-                            "Use backend=torch")
-    if backend.endswith(":DecoupledKD") and not labelled:
-        raise CompressError("fasterai's DecoupledKD loss needs labels, and the data has none", "Use backend=fasterai (SoftTarget)")

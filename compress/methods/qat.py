@@ -13,12 +13,13 @@ import copy
 import warnings
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from ..artifact import Artifact
 from ..errors import CompressError, require
-from ..registry import option, register
+from ..config import option
+from ..registry import register
+from .training import FitSettings, Run, fit
 from .quantize import REDUCE_RANGE, REDUCE_RANGE_HELP, check, reduce_range, pt2e_capture, pt2e_example, pt2e_package
 
 
@@ -38,8 +39,9 @@ class QATConfig:
 @register("quantize", "qat", QATConfig, accepts=("torch",), produces="pt2", needs_data=True, requires=(("torchao", "ao"),),
           summary="quantization-aware fine-tuning on labelled --data (torchao PT2E QAT, x86 int8) → AOTInductor .pt2")
 def qat(artifact: Artifact, config: QATConfig, ctx) -> Artifact:
+    from torch.utils.data import Subset
+
     from ..data import batches, tokenizer_for
-    from ..ui import progress
 
     pt2e = require("torchao.quantization.pt2e.quantize_pt2e", "ao", "quantization-aware training (PT2E)")
     xiq = require("torchao.quantization.pt2e.quantizer.x86_inductor_quantizer", "ao", "quantization-aware training (PT2E)")
@@ -56,14 +58,10 @@ def qat(artifact: Artifact, config: QATConfig, ctx) -> Artifact:
     pad = artifact.input_spec[0].shape[1] if tokenizer is not None else None   # one static sequence length for export
     seed = ctx.seed if config.seed is None else config.seed
 
-    def epoch_batches(epoch: int):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        shuffled = torch.utils.data.Subset(train, order)
-        for inputs, labels in batches(shuffled, artifact.input_spec, config.batch_size, n, tokenizer, pad_to=pad):
-            if len(labels) > 1:          # BatchNorm cannot train on one sample
-                yield inputs, labels
+    def batch(idx: list[int]):
+        return next(batches(Subset(train, idx), artifact.input_spec, len(idx), tokenizer=tokenizer, pad_to=pad))
 
-    first, _ = next(epoch_batches(0))
+    first, _ = batch(list(range(min(2, n))))
     example, dynamic = pt2e_example(artifact, first)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -71,28 +69,24 @@ def qat(artifact: Artifact, config: QATConfig, ctx) -> Artifact:
         quantizer = xiq.X86InductorQuantizer()
         quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range(config, ctx, False)))
         prepared = pt2e.prepare_qat_pt2e(graph, quantizer)
-        opt = torch.optim.Adam(prepared.parameters(), lr=config.lr)
-        steps = (n // config.batch_size + (1 if n % config.batch_size > 1 else 0)) * config.epochs
-        log = []
-        with progress(ctx.quiet) as bar:
-            task = bar.add_task("qat", total=steps, info="")
-            for epoch in range(config.epochs):
-                ao.move_exported_model_to_train(prepared)
-                prepared.apply(ao.enable_observer)
-                total = count = 0
-                for inputs, labels in epoch_batches(epoch):
-                    out = prepared(*inputs)
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    if out.dim() != 2 or (bundle.num_classes and out.shape[1] != bundle.num_classes):
-                        raise CompressError(f"qat needs a classifier: the model's output has shape {tuple(out.shape)}, not [batch, "
-                                            f"{bundle.num_classes or 'classes'}]", "Use --method static for models without class logits")
-                    loss = F.cross_entropy(out, labels)
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-                    total, count = total + float(loss) * len(labels), count + len(labels)
-                    bar.update(task, advance=1, info=f"epoch {epoch + 1}/{config.epochs} loss {total / count:.4f}")
-                log.append({"epoch": epoch + 1, "loss": round(total / max(count, 1), 5)})
+
+        def step(idx):
+            inputs, labels = batch(idx)
+            out = prepared(*inputs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            if out.dim() != 2 or (bundle.num_classes and out.shape[1] != bundle.num_classes):
+                raise CompressError(f"qat needs a classifier: the model's output has shape {tuple(out.shape)}, not [batch, "
+                                    f"{bundle.num_classes or 'classes'}]", "Use --method static for models without class logits")
+            return {"loss": (1.0, F.cross_entropy(out, labels))}
+
+        def train_mode():    # a PT2E graph has no .train(): torchao moves it, and the observers watch again
+            ao.move_exported_model_to_train(prepared)
+            prepared.apply(ao.enable_observer)
+
+        settings = FitSettings(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, optimizer="adam", weight_decay=0.0,
+                               schedule="constant", grad_clip=None, seed=seed)
+        res = fit(Run(prepared, step, n, train_mode=train_mode), settings, progress=ctx.progress, name="qat")
+        log = [{"epoch": e["epoch"], "loss": round(e["loss"], 5)} for e in res["epochs"]]
         # Observers freeze before conversion: evaluation data must not move the activation ranges.
         ao.move_exported_model_to_eval(prepared)
         prepared.apply(ao.disable_observer)

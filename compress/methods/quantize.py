@@ -13,6 +13,8 @@ Every result is checked against its input on real data (fidelity, accuracy) and 
 """
 from __future__ import annotations
 
+import logging
+
 import copy
 import fnmatch
 import shutil
@@ -24,13 +26,15 @@ import torch
 from torch import nn
 from torch.ao.nn.quantized import dynamic as qd
 
-from ..artifact import Artifact, rebuilder
+from ..artifact import Artifact
 from ..cpu import resolve_reduce_range
 from ..errors import CompressError
 from ..evaluate import run_with_hooks
-from ..registry import option, register
+from ..config import option
+from ..registry import register
 from . import quantize_ort as ort_q
 
+log = logging.getLogger(__name__)
 REDUCE_RANGE = ("auto", True, False)
 REDUCE_RANGE_HELP = ("7-bit ranges, for x86 CPUs without VNNI whose int16 accumulators overflow with 8 bits; auto: true for "
                      "onnxruntime's int8 kernels when this CPU is one (torch's kernels do not saturate: false)")
@@ -146,8 +150,7 @@ def quantize_dynamic(model: nn.Module, layers, per_channel: bool, dtype: str, ex
     return q
 
 
-@rebuilder("quantize_dynamic")
-def _rebuild_dynamic(model: nn.Module, step: dict) -> nn.Module:
+def rebuild_dynamic(model: nn.Module, step: dict) -> nn.Module:
     # Steps written before these keys existed ran torch's stock 7-bit-activation Linear with nothing kept in float.
     return quantize_dynamic(model, step["layers"], step["per_channel"], step["dtype"], step.get("exclude", ()), step.get("reduce_range", True))
 
@@ -466,10 +469,7 @@ def check(before: Artifact, after: Artifact, config, ctx, retry=None) -> Artifac
             msg = f"the quantized model is slower than its input ({speed:.2f}x at batch 1, 1 thread)"
             if getattr(config, "require_speedup", False):
                 raise CompressError(msg, "Nothing was written. Try --method auto, or static int8 for convolutional models")
-            if not ctx.quiet:
-                from ..ui import console
-
-                console().print(f"[yellow]warning:[/yellow] {msg}")
+            log.warning(msg)
             ctx.metrics["warning"] = msg
     return after
 
@@ -495,7 +495,7 @@ def _quality(ref, new, ctx, before: Artifact) -> dict:
 def _speed_ratio(before: Artifact, after: Artifact) -> float:
     """p50 latency of ``before`` over ``after`` at batch 1, both on one thread. The runners are loaded here with
     threads=1: an onnxruntime session's thread pool is fixed when the session is made."""
-    from ..bench import time_runner
+    from ..timing import time_runner
     from ..runners import load_runner
 
     inputs = tuple(s.example(1) for s in before.input_spec)
@@ -545,8 +545,7 @@ def cast(model: nn.Module, dtype: str) -> nn.Module:
     return model
 
 
-@rebuilder("cast")
-def _rebuild_cast(model: nn.Module, step: dict) -> nn.Module:
+def rebuild_cast(model: nn.Module, step: dict) -> nn.Module:
     return cast(model, step["dtype"])
 
 

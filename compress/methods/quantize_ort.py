@@ -24,11 +24,11 @@ def fp32_onnx(artifact: Artifact, scratch: Path, optimize_bert: bool = False, fu
         return Path(artifact.path), artifact.input_spec
     if artifact.format != "torch":
         raise CompressError(f"onnxruntime quantization takes a torch or ONNX model, not {artifact.format}", "Quantize before exporting to other formats")
-    from ..exporters.onnx import _bert_type, export_file
+    from ..onnx_export import bert_type, export_file
 
     scratch.mkdir(parents=True, exist_ok=True)
     path = scratch / "fp32.onnx"
-    bert = _bert_type(artifact) if optimize_bert else None
+    bert = bert_type(artifact) if optimize_bert else None
     export_file(artifact.model, artifact.input_spec, path, exporter="legacy-first" if bert else "auto", optimize=bert, arch=artifact.arch,
                 fuse_embeddings=fuse_embeddings)
     return path, artifact.input_spec

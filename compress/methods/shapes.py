@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..artifact import rebuilder
 
 ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape",
          "embedding_dim", "num_attention_heads", "attention_head_size", "all_head_size", "hidden_size", "num_heads",
@@ -30,7 +29,6 @@ def _plain(v):
     return list(v) if isinstance(v, (tuple, list)) else v
 
 
-@rebuilder("reshape")
 def apply(model: nn.Module, step: dict) -> nn.Module:
     modules = dict(model.named_modules())
     for name, values in step.get("attrs", {}).items():

@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from ..errors import CompressError, require
-from ..registry import option, register
+from ..config import option
+from ..registry import register
 from . import shapes
-from .pruning import prunable_layers
+from .distill import finetune
+from .magnitude import prunable_layers
 
 IMPORTANCE = ("l1", "l2", "bn_scale", "taylor", "random")
 
@@ -27,7 +29,6 @@ class StructuredConfig:
     round_to: int | None = option(8, "keep channel counts a multiple of this for fast kernels (null to disable)", range=(1, 256))
     max_layer_amount: float = option(0.9, "never remove more than this fraction from one layer (global scope)", range=(0.0, 1.0))
     taylor_batches: int = option(4, "data batches used to estimate Taylor importance", range=(1, 1000))
-    sweep: str | None = option(None, "comma-separated amounts: measure each instead of pruning once")
     steps: int = option(1, "prune in this many steps (fine-tuning between them when finetune_epochs > 0)", range=(1, 100))
     schedule: str = option("cubic", "how the amount grows over the steps", choices=("one-shot", "linear", "cubic"))
     finetune_epochs: float = option(0.0, "epochs of fine-tuning on --data after each step (0: none)", range=(0.0, 100.0))
@@ -70,10 +71,6 @@ def count(tp, model, example) -> tuple[int, int]:
           summary="channel pruning with Torch-Pruning's dependency graph (really smaller and faster); iterative with fine-tuning")
 def structured(artifact, config: StructuredConfig, ctx):
     tp = require("torch_pruning", "prune", "structured pruning")
-    if config.sweep:
-        from .sweep import run_sweep
-
-        return run_sweep(structured, artifact, config, ctx)
     if not artifact.arch:
         raise CompressError("structured pruning needs a model with a known architecture spec (it is saved as spec + layer shapes)",
                             "Load the model from a state dict with --arch")
@@ -99,7 +96,8 @@ def structured(artifact, config: StructuredConfig, ctx):
         model.eval()
         entry = {"step": k + 1, "params": count(tp, model, example)[1]}
         if config.finetune_epochs > 0:
-            tuned, entry["finetune"] = _finetune(artifact.evolve(model=model), config, ctx)
+            tuned, entry["finetune"] = finetune(artifact.evolve(model=model), ctx, epochs=config.finetune_epochs,
+                                                limit=config.finetune_limit, labels_only=config.finetune == "labels", lr=config.finetune_lr)
             model.load_state_dict(tuned.model.state_dict())
             model.eval()
         log.append(entry)
@@ -139,20 +137,6 @@ def _pruner(tp, model, example, config: StructuredConfig, artifact, ctx):
     except Exception as exc:  # noqa: BLE001
         raise CompressError(f"Torch-Pruning could not trace this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                             "Add the offending layers to --set ignore=..., or use --method magnitude") from None
-
-
-def _finetune(artifact, config: StructuredConfig, ctx):
-    """A short training run between steps: labels only, or distillation from the unpruned model (ctx.original)."""
-    import dataclasses
-
-    from .distill import KDConfig, kd
-
-    sub = dataclasses.replace(ctx, metrics={})
-    kd_config = KDConfig(epochs=max(1, int(round(config.finetune_epochs))), limit=config.finetune_limit, eval_limit=2000,
-                         alpha=1.0 if config.finetune == "labels" else None, lr=config.finetune_lr)
-    out = kd(artifact, kd_config, sub)
-    summary = {k: v for k, v in sub.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return out, summary
 
 
 def _taylor_gradients(model, artifact, config, ctx):

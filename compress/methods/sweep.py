@@ -6,45 +6,31 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
 
 from ..errors import CompressError
-from ..outputs import write_file_atomic
+from ..rundir import write_file_atomic
 
 
-def parse_amounts(text: str) -> list[float]:
-    try:
-        amounts = [float(a) for a in str(text).split(",") if a.strip()]
-    except ValueError:
-        raise CompressError(f"--sweep '{text}' is not a comma-separated list of amounts", "e.g. --sweep 0.1,0.3,0.5,0.7") from None
-    bad = [a for a in amounts if not 0.0 <= a < 1.0]
-    if not amounts or bad:
-        raise CompressError(f"--sweep amounts must lie in [0, 1): got {text}", "e.g. --sweep 0.1,0.3,0.5,0.7")
-    return sorted(set(amounts))
-
-
-def run_sweep(method, artifact, config, ctx):
-    """Apply ``method`` at every amount in ``config.sweep``; returns the input artifact unchanged, with the report."""
-    from ..bench import time_runner
+def run_sweep(method, artifact, config, ctx, amounts: tuple[float, ...]):
+    """Apply ``method`` at every amount (``sweep:`` of any method with an ``amount``); returns the input artifact
+    unchanged, with the rows in ``ctx.metrics["sweep"]`` (the CLI draws them as a table) and sweep.json / sweep.png."""
     from ..evaluate import accuracy, fidelity
     from ..runners import TorchRunner
-    from ..ui import out_console, progress
+    from ..timing import time_runner
 
-    amounts = parse_amounts(config.sweep)
     bundle = ctx.data() if ctx.data_spec else None
     base_runner = TorchRunner(artifact, threads=1)
     example = tuple(s.example(1) for s in artifact.input_spec)
     rows = []
     macs_before = None
-    with progress(ctx.quiet) as bar:
-        task = bar.add_task("sweep", total=len(amounts) + 1, info="")
+    with ctx.progress.task("sweep", len(amounts) + 1) as task:
         for amount in [0.0, *amounts]:
-            bar.update(task, info=f"amount {amount:g}")
+            task.advance(0, f"amount {amount:g}")
             if amount == 0.0:
                 art, metrics = artifact, {}
             else:
                 sub = dataclasses.replace(ctx, metrics={})
-                art = method(artifact, dataclasses.replace(config, amount=amount, sweep=None), sub)
+                art = method(artifact, dataclasses.replace(config, amount=amount), sub)
                 metrics = sub.metrics
                 macs_before = metrics.get("macs_before", macs_before)
             runner = TorchRunner(art, threads=1)
@@ -60,10 +46,9 @@ def run_sweep(method, artifact, config, ctx):
                     f = fidelity(runner, base_runner, bundle, limit=128)
                     row.update({k: f[k] for k in ("cosine", "top1_agreement") if k in f})
             rows.append(row)
-            bar.advance(task)
+            task.advance(1)
     if rows[0].get("macs") is None:
         rows[0]["macs"] = macs_before
-    _table(rows, out_console())
     workdir = Path(ctx.workdir)
     write_file_atomic(workdir / "sweep.json", json.dumps(rows, indent=2))
     png = _plot(rows, workdir / "sweep.png")
@@ -71,26 +56,6 @@ def run_sweep(method, artifact, config, ctx):
     if png:
         ctx.metrics["sweep_plot"] = "sweep.png"
     return artifact
-
-
-def _table(rows, console):
-    from rich.table import Table
-
-    t = Table(title="pruning sensitivity sweep")
-    keys = [k for k in ("amount", "params", "macs", "sparsity", "p50_ms", "accuracy", "cosine", "top1_agreement") if any(r.get(k) is not None for r in rows)]
-    for k in keys:
-        t.add_column(k, justify="right")
-    for r in rows:
-        t.add_row(*[_fmt(r.get(k)) for k in keys])
-    console.print(t)
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return f"{v:,}" if isinstance(v, int) else str(v)
 
 
 def _plot(rows, path: Path) -> Path | None:

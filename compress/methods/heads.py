@@ -16,7 +16,8 @@ from torch import nn
 from ..arch import HFModel
 from ..errors import CompressError
 from ..evaluate import run_with_hooks
-from ..registry import option, register
+from ..config import option
+from ..registry import register
 from . import shapes
 
 
@@ -28,7 +29,6 @@ class HeadsConfig:
     importance: str = option("auto", "rank heads by weight magnitude, or by their measured output on --data (activation); "
                              "auto uses activation when data is given", choices=("auto", "magnitude", "activation"))
     samples: int = option(128, "data samples used for activation importance", range=(1, 100_000))
-    sweep: str | None = option(None, "comma-separated amounts: measure each instead of pruning once")
 
 
 def _layers(model: nn.Module):
@@ -123,10 +123,6 @@ def prune_mlp(layer, amount: float, round_to: int, score: torch.Tensor | None = 
 @register("prune", "heads", HeadsConfig, accepts=("torch",), produces="torch",
           summary="remove attention heads (and feed-forward width) from BERT-like transformers")
 def heads(artifact, config: HeadsConfig, ctx):
-    if config.sweep:
-        from .sweep import run_sweep
-
-        return run_sweep(heads, artifact, config, ctx)
     model = copy.deepcopy(artifact.model).eval()
     inner, layers = _layers(model)
     params0 = sum(p.numel() for p in model.parameters())

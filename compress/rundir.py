@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CompressError
+
+log = logging.getLogger(__name__)
 
 # .NAME.pidPID-HOST.RANDOM.partial (work in progress) or .NAME.pidPID-HOST.RANDOM.old (an OUT being replaced)
 _OWNED = re.compile(r"^\.(?P<name>.+)\.pid(?P<pid>\d+)-(?P<host>[0-9a-f]{8})\.[^.]*\.(?P<kind>partial|old)$")
@@ -82,11 +85,7 @@ def clean_stale(folder: Path) -> list[Path]:
 
 
 def _say(message: str) -> None:
-    from rich.markup import escape
-
-    from .ui import console
-
-    console().print(f"[yellow]note:[/yellow] {escape(message)}", soft_wrap=True)
+    log.warning(message)
 
 
 def partial_dir(out: Path) -> Path:

@@ -8,12 +8,12 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch.nn.utils import prune as tprune
 
 from ..errors import CompressError
-from ..registry import option, register
+from ..config import option
+from ..registry import register
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -24,7 +24,6 @@ class MagnitudeConfig:
     scope: str = option("global", "rank weights across all layers (global) or within each layer", choices=("global", "layer"))
     norm: str = option("l1", "importance of a weight", choices=("l1",))
     ignore: tuple[str, ...] = option((), "module-name patterns to leave alone (fnmatch), e.g. 'classifier*'")
-    sweep: str | None = option(None, "comma-separated amounts: measure each instead of pruning once")
 
 
 def prunable_layers(model: nn.Module, ignore: tuple[str, ...], types=PRUNABLE) -> list[tuple[str, nn.Module]]:
@@ -50,10 +49,6 @@ def sparsity(model: nn.Module) -> dict:
 @register("prune", "magnitude", MagnitudeConfig, accepts=("torch",), produces="torch",
           summary="unstructured L1 magnitude (zeros weights; smaller when compressed, not faster on dense kernels)")
 def magnitude(artifact, config: MagnitudeConfig, ctx):
-    if config.sweep:
-        from .sweep import run_sweep
-
-        return run_sweep(magnitude, artifact, config, ctx)
     import copy
 
     model = copy.deepcopy(artifact.model).eval()

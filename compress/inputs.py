@@ -103,3 +103,49 @@ def check_inputs(specs: list[InputSpec], inputs: tuple) -> None:
         if x.dim() != len(s.shape):
             raise CompressError(f"input '{s.name}' has {x.dim()} dimensions {tuple(x.shape)} but the model expects {len(s.shape)} {s.shape}",
                                 "Fix --input-shape or the data")
+
+
+def with_dynamic_axes(specs: list[InputSpec], requested=None, static: bool = False) -> list[InputSpec]:
+    """The input specs with the dynamic axes an export will have (``requested``: batch, sequence or axis numbers)."""
+    if static:
+        return [InputSpec(s.name, s.shape, s.dtype, ()) for s in specs]
+    if not requested:
+        return list(specs)
+    out = []
+    for s in specs:
+        axes = set()
+        for a in requested:
+            a = str(a).strip().lower()
+            if a == "batch":
+                axes.add(0)
+            elif a in ("sequence", "seq"):
+                if len(s.shape) in (2, 3):
+                    axes.add(1)
+            elif a.isdigit():
+                if int(a) < len(s.shape):
+                    axes.add(int(a))
+            else:
+                raise CompressError(f"dynamic_axes: '{a}' is not an axis", "Use batch, sequence or axis numbers, e.g. -s dynamic_axes=batch,sequence")
+        out.append(InputSpec(s.name, s.shape, s.dtype, tuple(sorted(axes))))
+    return out
+
+
+def axis_name(axis: int) -> str:
+    return {0: "batch", 1: "sequence"}.get(axis, f"dim{axis}")
+
+
+def export_batch(specs: list[InputSpec]) -> int:
+    """The batch size examples are exported at: at least 2 when batch is dynamic (torch.export specializes 0/1)."""
+    b = specs[0].shape[0] if specs and specs[0].shape else 1
+    return max(b, 2) if specs and all(0 in s.dynamic_axes for s in specs) else b
+
+
+def example_inputs(specs: list[InputSpec], batch: int, seq: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic inputs for ``specs`` at a batch size and (for inputs with a dynamic axis 1) a sequence length."""
+    out = []
+    for i, s in enumerate(specs):
+        shape = [batch, *s.shape[1:]]
+        if seq is not None and len(shape) in (2, 3) and 1 in s.dynamic_axes:
+            shape[1] = seq
+        out.append(InputSpec(s.name, tuple(shape), s.dtype, s.dynamic_axes).example(seed=seed + i))
+    return tuple(out)
