@@ -1,5 +1,5 @@
 """The ``compress`` command line: a thin layer over the library (:mod:`compress.plan`, :mod:`compress.pipeline`,
-:mod:`compress.bench`) that owns the terminal — rich output, progress bars, log lines — and the exit codes.
+:mod:`compress.measure`) that owns the terminal — rich output, progress bars, log lines — and the exit codes.
 
 Every stage command builds a one-stage pipeline and runs the same code as ``compress run PIPELINE.yaml``.
 """
@@ -367,7 +367,7 @@ def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, t
     """
     import dataclasses
 
-    from compress.bench import BenchSettings, bench_artifacts
+    from compress.measure import BenchSettings, bench_artifacts
     from compress.report import write_reports
     from compress.sources import ModelSpec, load_model
 
@@ -405,7 +405,7 @@ def _manifest_baseline(first, options):
     try:
         return load_model(spec)
     except CompressError as exc:
-        logging.getLogger("compress.bench").info("baseline: the manifest's source %s cannot be loaded (%s); using the first SOURCE",
+        logging.getLogger("compress.measure").info("baseline: the manifest's source %s cannot be loaded (%s); using the first SOURCE",
                                                  first.source, exc.what)
         return None
 
@@ -482,6 +482,7 @@ def ls_cmd(stage):
     """List stages and their methods, built-in models and data sets, and shipped pipeline configs."""
     from compress import registry
     from compress.data import BUILTIN
+    from compress.errors import install_hint
     from compress.plan import shipped_configs
     from compress.zoo import ZOO
 
@@ -493,7 +494,7 @@ def ls_cmd(stage):
         ms = registry.methods(st)
         rows += [] if ms else [(st, "-", "", "", "", "no method could be loaded")]
         for m in ms:
-            inst = "yes" if not m.missing() else "no: pip install " + " ".join(f"'compress[{e}]'" if e else mod for mod, e in m.missing())
+            inst = "yes" if not m.missing() else "no: " + "; ".join(install_hint(mod.split(".")[0].replace("_", "-"), e) for mod, e in m.missing())
             rows.append((st, m.name, ",".join(m.accepts), m.produces if isinstance(m.produces, str) else "depends", inst, m.summary))
     con.print(_table("methods", ("stage", "method", "takes", "gives", "installed", "summary"), rows))
     if stage:

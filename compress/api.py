@@ -59,8 +59,8 @@ def export(model, target, *, data: str | None = None, out=None, **options) -> Ar
 
 def bench(*models, data: str | None = None, **settings):
     """Measure every model (Artifacts or SOURCEs; the first is the baseline) as ``compress bench`` does; returns a
-    :class:`~compress.bench.BenchReport`. ``settings``: device, batch_size, threads, budget_s, limit, ..."""
-    from .bench import bench_artifacts, BenchSettings
+    :class:`~compress.measure.BenchReport`. ``settings``: device, batch_size, threads, budget_s, limit, ..."""
+    from .measure import bench_artifacts, BenchSettings
 
     if not models:
         raise CompressError("nothing to benchmark", "Give at least one model")

@@ -45,3 +45,17 @@ def resolve_reduce_range(value: bool | str, saturating_kernels: bool) -> tuple[b
     if saturating_kernels:
         return False, "auto: this CPU has VNNI (or is not x86), so the full 8-bit range is safe"
     return False, "auto: torch's int8 kernels do not saturate, so the full 8-bit range is kept"
+
+
+REDUCE_RANGE = ("auto", True, False)
+REDUCE_RANGE_HELP = ("7-bit ranges, for x86 CPUs without VNNI whose int16 accumulators overflow with 8 bits; auto: true for "
+                     "onnxruntime's int8 kernels when this CPU is one (torch's kernels do not saturate: false)")
+
+
+def reduce_range(value: bool | str, metrics: dict, saturating_kernels: bool) -> bool:
+    """A ``reduce_range`` option resolved for this CPU and backend; ``metrics`` record what was used and why."""
+    resolved, why = resolve_reduce_range(value, saturating_kernels)
+    metrics["reduce_range"] = resolved
+    if value == "auto":
+        metrics["reduce_range_why"] = why
+    return resolved

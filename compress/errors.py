@@ -23,12 +23,16 @@ class StagesKept(CompressError):
                          "Fix the problem and rerun the same command with --resume to continue from them")
 
 
+def install_hint(package: str, extra: str | None) -> str:
+    """How to install an optional package: compress's pip extra for it, else the package itself."""
+    return f"pip install 'compress[{extra}]'" if extra else f"pip install {package}"
+
+
 class MissingPackage(CompressError):
     """An optional backend is not installed."""
 
     def __init__(self, package: str, extra: str | None, purpose: str):
-        hint = f"pip install 'compress[{extra}]'" if extra else f"pip install {package}"
-        super().__init__(f"{purpose} needs the package '{package}', which is not installed", f"Install it with: {hint}")
+        super().__init__(f"{purpose} needs the package '{package}', which is not installed", f"Install it with: {install_hint(package, extra)}")
         self.package = package
         self.extra = extra
 

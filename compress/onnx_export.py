@@ -71,13 +71,7 @@ def export_file(model: torch.nn.Module, specs: list[InputSpec], path: Path, *, o
         if optimize:
             proto, info["fused_operators"] = _optimize(raw, optimize, arch, fuse_embeddings)
         if fp16:
-            from onnxruntime.transformers.onnx_model import OnnxModel
-
-            with _quiet():
-                half = OnnxModel(proto)
-                half.convert_float_to_float16(keep_io_types=True)
-                half.topological_sort()   # the converter appends its input casts out of order
-            proto = half.model
+            proto = to_fp16(proto)
         info["opset"] = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         if path.exists():
             path.unlink()
@@ -91,6 +85,17 @@ def export_file(model: torch.nn.Module, specs: list[InputSpec], path: Path, *, o
         raise CompressError(f"the exported ONNX graph fails onnx.checker: {first_line(exc)}", "Try another --opset or -s exporter=legacy") from None
     info["external_data"] = external
     return info
+
+
+def to_fp16(proto):
+    """An ONNX graph with float16 weights and compute; its inputs and outputs stay float32."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    with _quiet():
+        half = OnnxModel(proto)
+        half.convert_float_to_float16(keep_io_types=True)
+        half.topological_sort()   # the converter appends its input casts out of order
+    return half.model
 
 
 def _dynamo(model, inputs, specs, output_names, raw: Path, opset, big: bool) -> None:

@@ -114,7 +114,7 @@ def _run(plan: Plan, out: Path, *, force: bool, resume: bool, progress: Progress
         running = "bench"
         report = None
         if plan.bench is not None:
-            from .bench import bench_artifacts
+            from .measure import bench_artifacts
             from .report import write_reports
 
             report = bench_artifacts(artifacts, plan.bench, progress=progress)

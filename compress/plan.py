@@ -16,7 +16,7 @@ import yaml
 
 from . import registry
 from .config import build_config, config_to_json
-from .errors import CompressError
+from .errors import CompressError, install_hint
 from .registry import STAGES
 from .sources import ModelSpec
 
@@ -61,7 +61,7 @@ class Plan:
     model: ModelSpec
     data: str | None
     stages: tuple[StagePlan, ...]
-    bench: Any = None                      # compress.bench.BenchSettings, or None: no bench
+    bench: Any = None                      # compress.measure.BenchSettings, or None: no bench
     seed: int = 0
     device: str = "cpu"
 
@@ -238,7 +238,7 @@ def _check_bench(bench, data, problems: list[str]):
     if not isinstance(bench, dict):
         problems.append("bench: expected a mapping (device, batch_size, threads, ...)")
         return None
-    from .bench import BENCH_KEYS, BenchSettings
+    from .measure import BENCH_KEYS, BenchSettings
 
     for k in bench:
         if k not in BENCH_KEYS:
@@ -286,7 +286,7 @@ def _check_stage(i: int, item, fmt: str, data, problems: list[str], missing: lis
     problems.extend(errs)
     for mod, extra in method.missing():
         pkg = mod.split(".")[0].replace("_", "-")
-        problems.append(f"{where}: {stage} {method.name} needs the package '{pkg}'" + (f": pip install 'compress[{extra}]'" if extra else f": pip install {pkg}"))
+        problems.append(f"{where}: {stage} {method.name} needs the package '{pkg}': {install_hint(pkg, extra)}")
         missing.append(problems[-1])
     if fmt != "?" and fmt not in method.accepts:
         problems.append(f"{where}: {stage} {method.name} takes a {' or '.join(method.accepts)} model, but gets {fmt}"

@@ -27,8 +27,8 @@ PLUGIN_GROUP = "compress.plugins"
 REBUILD_STEPS = {
     "reshape": "compress.methods.shapes:apply",
     "keep_layers": "compress.methods.depth:keep_layers",
-    "quantize_dynamic": "compress.methods.quantize:rebuild_dynamic",
-    "cast": "compress.methods.quantize:rebuild_cast",
+    "quantize_dynamic": "compress.methods.quantize_torch:rebuild_dynamic",
+    "cast": "compress.methods.quantize_torch:rebuild_cast",
     "quantize_fasterai": "compress.methods.fasterai:rebuild_quantized",
 }
 

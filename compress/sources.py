@@ -2,6 +2,7 @@
 or (only with --trust-pickle) a pickled whole module."""
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class ModelSpec:
             inputs = parse_input_shapes([str(s) for s in input_shape or ()], static=static_shapes)
         return cls(str(source), arch or None, parse_arch_args(arch_args), tuple(inputs), bool(static_shapes), bool(trust_pickle))
 
-    @property
+    @functools.cached_property
     def format(self) -> str:
         """The format the source holds, read from its name, manifest or content ("?" when it cannot be told yet)."""
         if self.source.startswith("zoo:"):

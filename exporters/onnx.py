@@ -17,7 +17,7 @@ from compress.onnx_export import FUSION_OPSET, bert_type, export_file
 from compress.registry import register, register_runner
 from compress.runners import Runner
 
-from .verify import verify
+from .verify import verified
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,7 @@ def export_onnx(artifact: Artifact, config: OnnxConfig, ctx) -> Artifact:
                        optimize=bert, fp16=config.fp16, arch=artifact.arch)
     out = artifact.evolve(format="onnx", path=path, model=None, input_spec=specs, extra={k: info[k] for k in ("exporter", "opset")})
     ctx.metrics.update(info)
-    ctx.metrics.update(verify(artifact, out, ctx, target="onnx", precision="fp16" if config.fp16 else "fp32", atol=config.atol))
-    ctx.metrics["file_size_bytes"] = out.size_bytes()
-    return out
+    return verified(artifact, out, ctx, target="onnx", precision="fp16" if config.fp16 else "fp32", atol=config.atol)
 
 
 @register_runner("onnx")

@@ -21,7 +21,7 @@ from compress.config import option
 from compress.registry import register, register_runner
 from compress.runners import Runner, TorchRunner
 
-from .verify import verify
+from .verify import verified
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,7 @@ def export_pt2(artifact: Artifact, config: PT2Config, ctx) -> Artifact:
     out = artifact.evolve(format="pt2", path=path, model=None, input_spec=specs, extra=extra)
     ctx.metrics.update({"exporter": "aoti_compile_and_package" if config.aoti else "torch.export", "aoti": config.aoti,
                         "dynamic_axes": {s.name: list(s.dynamic_axes) for s in specs}})
-    ctx.metrics.update(verify(artifact, out, ctx, target="pt2-aoti" if config.aoti else "pt2", atol=config.atol, device=device))
-    ctx.metrics["file_size_bytes"] = out.size_bytes()
-    return out
+    return verified(artifact, out, ctx, target="pt2-aoti" if config.aoti else "pt2", atol=config.atol, device=device)
 
 
 @register_runner("pt2")

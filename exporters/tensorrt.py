@@ -21,11 +21,12 @@ from compress.artifact import Artifact
 from compress.config import option
 from compress.errors import CompressError, first_line, is_installed
 from compress.inputs import InputSpec, example_inputs, export_batch
-from compress.onnx_export import export_file
+from compress.methods.quantize_ort import quantize_static
+from compress.onnx_export import EXTERNAL_DATA_BYTES, export_file, to_fp16
 from compress.registry import register, register_runner
 from compress.runners import Runner
 
-from .verify import verify
+from .verify import verified
 
 INSTALL = "pip install 'compress[trt]' (the tensorrt wheel from pypi.nvidia.com, matching your CUDA driver)"
 
@@ -79,10 +80,8 @@ def export_trt(artifact: Artifact, config: TensorRTConfig, ctx) -> Artifact:
                                  "batch_range": [config.min_batch, config.max_batch]})
     ctx.metrics.update(info)
     source_device = "cuda" if artifact.format == "torch" else "cpu"   # the source ONNX runs in onnxruntime on CPU
-    ctx.metrics.update(verify(artifact, out, ctx, target="tensorrt", precision=config.precision, atol=config.atol,
-                              device="cuda", source_device=source_device))
-    ctx.metrics["file_size_bytes"] = out.size_bytes()
-    return out
+    return verified(artifact, out, ctx, target="tensorrt", precision=config.precision, atol=config.atol,
+                              device="cuda", source_device=source_device)
 
 
 def require_tensorrt():
@@ -122,7 +121,7 @@ def build_engine(trt, onnx_path: Path, engine_path: Path, specs: list[InputSpec]
         if config.precision == "fp16":
             onnx_path = _fp16_onnx(onnx_path, scratch)
         elif config.precision == "int8" and not _has_qdq(onnx_path):
-            onnx_path = _qdq_onnx(onnx_path, scratch, specs, calibration)
+            onnx_path = _qdq_onnx(onnx_path, scratch, calibration)
         flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         network = builder.create_network(1 << int(flag) if flag is not None else 0)
         info["typing"] = "strong"
@@ -237,36 +236,21 @@ def _has_qdq(onnx_path: Path) -> bool:
 def _fp16_onnx(onnx_path: Path, scratch: Path) -> Path:
     """TensorRT 11 takes precision from the graph: convert it to float16 (inputs/outputs stay float32)."""
     import onnx
-    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    half = OnnxModel(onnx.load(str(onnx_path)))
-    half.convert_float_to_float16(keep_io_types=True)
-    half.topological_sort()
+    half = to_fp16(onnx.load(str(onnx_path)))
     out = scratch / "model.fp16.onnx"
-    onnx.save_model(half.model, str(out), save_as_external_data=half.model.ByteSize() > 1_800_000_000,
-                    all_tensors_to_one_file=True, location=out.name + ".data")
+    onnx.save_model(half, str(out), save_as_external_data=half.ByteSize() > EXTERNAL_DATA_BYTES, all_tensors_to_one_file=True,
+                    location=out.name + ".data")
     return out
 
 
-def _qdq_onnx(onnx_path: Path, scratch: Path, specs: list[InputSpec], calibration) -> Path:
-    """TensorRT 11 int8 is explicit: insert symmetric Q/DQ nodes with onnxruntime's static quantizer fed from --data."""
+def _qdq_onnx(onnx_path: Path, scratch: Path, calibration) -> Path:
+    """TensorRT 11 int8 is explicit: symmetric Q/DQ nodes inserted by onnxruntime's static quantizer fed from --data."""
     if not calibration:
         raise CompressError("int8 with TensorRT 11 needs a Q/DQ ONNX graph, made from calibration data",
                             "Give --data, or quantize first: compress quantize ... --method static --backend onnxruntime")
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calibration)
-
-        def get_next(self):
-            batch = next(self.it, None)
-            return None if batch is None else {s.name: t.numpy() for s, t in zip(specs, batch)}
-
     out = scratch / "model.qdq.onnx"
-    quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, per_channel=True,
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    quantize_static(onnx_path, out, calibration, "minmax", per_channel=True, reduce_range=False, symmetric=True)
     return out
 
 

@@ -18,7 +18,7 @@ from compress.config import option
 from compress.registry import register, register_runner
 from compress.runners import TorchRunner
 
-from .verify import verify
+from .verify import verified
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,7 @@ def export_torchscript(artifact: Artifact, config: TorchScriptConfig, ctx) -> Ar
     out = artifact.evolve(format="torchscript", path=path, model=None,
                           extra={"mode": config.mode, "frozen": config.freeze, "deprecated": "TorchScript is deprecated upstream; prefer pt2"})
     ctx.metrics.update({"exporter": f"torch.jit.{config.mode}", "frozen": config.freeze, "optimize_for_inference": optimized})
-    ctx.metrics.update(verify(artifact, out, ctx, target="torchscript-frozen" if config.freeze else "torchscript", atol=config.atol))
-    ctx.metrics["file_size_bytes"] = out.size_bytes()
-    return out
+    return verified(artifact, out, ctx, target="torchscript-frozen" if config.freeze else "torchscript", atol=config.atol)
 
 
 def _save_optimized(path: Path, metrics: dict) -> bool:

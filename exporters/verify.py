@@ -65,6 +65,13 @@ def _seq_len(specs: list[InputSpec]) -> int | None:
     return seqs[0] if seqs else None
 
 
+def verified(source: Artifact, exported: Artifact, ctx, **checks) -> Artifact:
+    """``exported``, once :func:`verify` passed: its metrics and file size recorded in ``ctx.metrics``."""
+    ctx.metrics.update(verify(source, exported, ctx, **checks))
+    ctx.metrics["file_size_bytes"] = exported.size_bytes()
+    return exported
+
+
 def verify(source: Artifact, exported: Artifact, ctx, *, target: str, precision: str = "fp32", atol: float | None = None,
            device: str = "cpu", source_device: str | None = None) -> dict:
     """Compare ``exported`` with ``source`` through their runners; return metrics or raise ExportVerificationError."""

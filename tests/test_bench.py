@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from compress import bench, diagnosis
+from compress import diagnosis, measure
 from compress import report as report_mod
 from compress.artifact import Artifact, save
-from compress.bench import BenchSettings, bench_artifacts
+from compress.measure import BenchSettings, bench_artifacts
 from compress.timing import Timing, time_runner
 from cli import main
 from compress.errors import CompressError
@@ -257,10 +257,10 @@ def test_a_long_timing_loop_keeps_memory_flat():
     runner = load_runner(_torch_artifact(model, "8x64"), "cpu", threads=1)
     x = (torch.randn(8, 64),)
     time_runner(runner, x, budget_s=1e-6, min_runs=300, max_runs=300)     # allocator warm
-    before = bench._rss_mb()
+    before = measure._rss_mb()
     started = time.perf_counter()
     t = time_runner(runner, x, budget_s=1e-6, min_runs=2000, max_runs=2000)
-    growth = bench._rss_mb() - before
+    growth = measure._rss_mb() - before
     assert len(t.times_ms) == 2000 and time.perf_counter() - started < 30
     assert growth < 8, f"RSS grew by {growth:.1f} MiB over 2000 runs"
 
@@ -355,12 +355,12 @@ def test_dynamic_quantized_convolutions_are_recognised_as_the_cause():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(10))
     model(torch.randn(1, 3, 16, 16))
     q = torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
-    facts = bench.model_facts(Artifact("torch-quantized", [], "t", model=q, stages=[{"stage": "quantize", "method": "dynamic"}]))
+    facts = measure.model_facts(Artifact("torch-quantized", [], "t", model=q, stages=[{"stage": "quantize", "method": "dynamic"}]))
     assert facts == {"method": "dynamic", "weights_dtype": "int8", "zero_fraction": 0.0, "fp32_convs": 2}
     row = {"device": "cpu", "stage": "quantize", "batch_size": 1, "p50_ms": 1.0, "cv": 0.0, "spread": 0.0, **facts}
     assert "convolution(s) stay fp32" in diagnosis.likely_cause(row, vnni=True)
     # packed int8 weights still count as parameters
-    assert bench.param_count(Artifact("torch-quantized", [], "t", model=q)) == sum(p.numel() for p in model.parameters())
+    assert measure.param_count(Artifact("torch-quantized", [], "t", model=q)) == sum(p.numel() for p in model.parameters())
 
 
 def test_thread_sweep_gives_a_serving_recommendation(monkeypatch):
@@ -420,7 +420,7 @@ def test_html_falls_back_to_the_table_without_matplotlib(monkeypatch):
     row = {"label": "a", "stage": "source", "format": "torch", "device": "cpu", "batch_size": 1, "threads": 1, "p50_ms": 1.0,
            "p90_ms": 1.2, "p99_ms": 1.5, "cv": 0.05, "spread": 0.05, "throughput_per_s": 1000.0, "speedup_vs_source": 1.0, "size_bytes": 2048,
            "params": 10, "metrics": {}, "baseline": True}
-    report = bench.BenchReport(rows=[row], env={"cpu": "x"}, peak_rss_mb=100.0)
+    report = measure.BenchReport(rows=[row], env={"cpu": "x"}, peak_rss_mb=100.0)
     assert "<svg" in report_mod.html(report)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from compress import registry
+from compress import registry, sources
+
+from . import models
 
 from .conftest import ROOT, VENV_BIN, needs_fashion_mnist, python_cmd, subprocess_env
 
@@ -253,3 +255,24 @@ def test_a_failed_stage_names_itself_and_the_exact_command_that_continues(cli, t
     fake_methods.clear()
     r = cli("run", path, "-o", out, "--resume", "--set", "stages.1.fail=false")
     assert r.rc == 0 and fake_methods == ["scale:0.5"], r.err
+
+
+# ---------------------------------------------------------------- sweep: an option of every method with an amount
+def test_sweep_measures_each_amount_and_is_checked_before_running(cli, tmp_path, tiny_state):
+    tiny = ["--arch", "tests.models:TinyCNN", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x32x32"]
+    out = tmp_path / "sweep"
+    r = cli("prune", tiny_state[0], *tiny, "--method", "magnitude", "--sweep", "0.5,0.25", "-o", out)
+    assert r.rc == 0, r.err
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [row["amount"] for row in rows] == [0.0, 0.25, 0.5]                      # the input, then each amount, sorted
+    assert rows[0]["sparsity"] is None and rows[2]["sparsity"] > rows[1]["sparsity"] > 0.2
+    assert "pruning sensitivity sweep" in r.out and "0.25" in r.out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"][-1]["sweep"] == [0.25, 0.5] and "sweep" not in manifest["stages"][-1]["config"]
+    # the model is the input, unchanged: a sweep measures, it does not prune
+    assert models.same_weights(sources.load(out).model, tiny_state[1])
+    for bad, why in (("abc", "is not a comma-separated list of amounts"), ("0.5,1.5", "amounts must lie in [0, 1)")):
+        r = cli("prune", tiny_state[0], *tiny, "--method", "magnitude", "--sweep", bad, "-o", tmp_path / "bad")
+        assert r.rc == 1 and len(r.err_lines) == 1 and why in r.err and not (tmp_path / "bad").exists(), r.err
+    r = cli("distill", tiny_state[0], *tiny, "--teacher", tiny_state[0], "-s", "sweep=0.5", "--data", "digits", "-o", tmp_path / "kd")
+    assert r.rc == 1 and "distill kd has no amount to sweep" in r.err

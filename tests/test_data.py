@@ -189,9 +189,9 @@ def test_python_specs():
 
 
 def test_unknown_specs_suggest():
-    with pytest.raises(CompressError, match="'fashion_mnist' is not a built-in set.*Did you mean 'fashion-mnist'"):
+    with pytest.raises(CompressError, match="'fashion_mnist' is not a built-in data set.*Did you mean 'fashion-mnist'"):
         load_data("fashion_mnist")
-    with pytest.raises(CompressError, match="not a built-in set.*imagefolder:DIR"):
+    with pytest.raises(CompressError, match="not a built-in data set.*imagefolder:DIR"):
         load_data("zzzz")
     with pytest.raises(CompressError, match="kind 'folder:' is not known"):
         load_data("folder:/tmp")

@@ -9,7 +9,7 @@ import pytest
 
 from cli import cli
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_fashion_mnist
 
 
 def _examples() -> list[str]:
@@ -51,3 +51,16 @@ def test_example_command_parses(line):
     cmd = cli.commands[name]
     with click.Context(cli) as parent:
         cmd.make_context(name, list(rest), parent=parent)  # raises on unknown options or missing arguments
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    """The README's Python block, as a notebook user would paste it (in an empty folder): every verb, a real model."""
+    needs_fashion_mnist()
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "the README has no Python example"
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "onnx" in printed and (tmp_path / "runs" / "api-int8" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "api-demo" / "report.html").is_file()

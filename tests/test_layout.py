@@ -146,3 +146,11 @@ def test_the_graph_sees_what_it_should():
         any(t == "compress.errors" for t, _ in EDGES["compress.registry"])
     assert any(t == "compress.runners" for t, _ in EDGES["exporters.onnx"])
     assert any(t == "compress.pipeline" for t, _ in EDGES["cli"])
+
+
+def test_no_public_verb_is_shadowed_by_a_module():
+    """``compress.bench(...)`` must stay the verb: importing a submodule of the same name would replace it."""
+    import compress
+
+    clash = [n for n in compress.__all__ if (ROOT / "compress" / f"{n}.py").exists() or (ROOT / "compress" / n).is_dir()]
+    assert not clash, f"modules named like public verbs: {clash}"

@@ -44,7 +44,7 @@ def test_apply_sets_reaches_stage_options_and_bench():
     assert new["stages"][1] == {"export": {"target": "onnx"}}
     assert new["bench"]["device"] == ["cpu"] and new["model"]["arch"] == "torchvision:resnet18"
     assert new["data"] == "digits" and new["seed"] == 7
-    from compress.bench import BenchSettings
+    from compress.measure import BenchSettings
 
     assert BenchSettings.from_options(new["bench"]).threads == (1, 2)
     assert doc["stages"][0] == {"prune": {"method": "magnitude"}} and doc["stages"][1] == {"export": None}   # input untouched

@@ -261,7 +261,7 @@ def test_min_cosine_that_cannot_be_met_fails_and_writes_nothing(tmp_path, outlie
 def test_speed_check_runs_both_models_on_one_thread(tmp_path, digits_source, monkeypatch):
     """onnxruntime fixes its thread pool when the session is made: the speed check must load its runners with threads=1."""
     from compress import runners
-    from compress.methods import quantize
+    from compress.methods import quality
 
     res = run({"model": digits_source, "stages": [{"export": {"target": "onnx"}}]}, tmp_path / "o")
     made = []
@@ -272,7 +272,7 @@ def test_speed_check_runs_both_models_on_one_thread(tmp_path, digits_source, mon
         made.append(r)
         return r
     monkeypatch.setattr(runners, "load_runner", spy)
-    assert quantize._speed_ratio(res.final, res.final) > 0
+    assert quality.speed_ratio(res.final, res.final) > 0
     assert len(made) == 2 and all(r.session.get_session_options().intra_op_num_threads == 1 for r in made)
 
 

@@ -527,16 +527,6 @@ def _evaluate(model, teacher, setup: _Setup, cache: dict, config: KDConfig, is_t
     return float(total[0] / max(total[1], 1))
 
 
-def _mean_across(total: float, count: int, dist) -> float:
-    if dist is None:
-        return total / max(count, 1)
-    t = torch.tensor([total, float(count)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t[0] / max(t[1], 1))
-
-
 # ---------------------------------------------------------------- checkpoints
 def _checkpoint_path(config: KDConfig, ctx, setup: _Setup, seed: int, teacher: nn.Module, wrapper: nn.Module) -> Path:
     """A stable place keyed by the teacher and initial student weights, the config and the data."""

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CompressError, require
+from ..errors import CompressError, first_line, require
 from ..config import option
 from ..registry import register
 from .distill import finetune
 from .magnitude import prunable_layers, sparsity
+from .quality import QualityGate, check
 
 PURPOSE = "the fasterai backend"
 # fasterai 0.4.1's names (checked against the installed package when used).
@@ -150,7 +151,7 @@ def _fasterai(fn):
     try:
         return fn()
     except (ValueError, RuntimeError) as exc:  # fasterai raises plain errors for what it cannot do
-        raise CompressError(f"fasterai could not sparsify this model ({str(exc).splitlines()[0][:200]})",
+        raise CompressError(f"fasterai could not sparsify this model ({first_line(exc, 200)})",
                             "Try granularity=weight or context=local") from None
 
 
@@ -198,15 +199,12 @@ def _finetune_keeping_zeros(model: nn.Module, layers: list[nn.Module], artifact,
 
 # ---------------------------------------------------------------- quantize
 @dataclass(frozen=True)
-class QuantizeConfig:
+class QuantizeConfig(QualityGate):
     mode: str = option("static", "static: int8 weights and activations, calibrated on --data (Conv/Linear); "
                        "dynamic: int8 Linear/LSTM/GRU weights, activations on the fly", choices=("static", "dynamic"))
     backend: str = option("x86", "fasterai Quantizer backend (FX graph mode; both run on x86 CPUs)", choices=("x86", "fbgemm"))
     per_tensor: bool = option(False, "static: one weight scale per tensor instead of per output channel (dynamic is always per tensor)")
     samples: int = option(128, "calibration samples taken from --data", range=(1, 100_000))
-    max_accuracy_drop: float | None = option(None, "fail when accuracy drops more than this", range=(0.0, 1.0))
-    require_speedup: bool = option(False, "fail when the result is not faster than its input (batch 1, 1 thread)")
-    check_speed: bool = option(True, "time input and result briefly and warn when it is not faster")
 
 
 def fasterai_quantize(model: nn.Module, mode: str, backend: str, per_tensor: bool, calibration: list[torch.Tensor]) -> nn.Module:
@@ -230,7 +228,6 @@ def rebuild_quantized(model: nn.Module, step: dict) -> nn.Module:
           needs_data=lambda c: c.mode == "static",
           summary="fasterai Quantizer (optional extra): static int8 calibrated on --data, or dynamic int8, in FX graph mode for x86 CPUs")
 def quantize(artifact, config: QuantizeConfig, ctx):
-    from .quantize import check
     from .quantize_ort import calibration_batches
 
     require("fasterai.quantize.quantizer", "fasterai", PURPOSE)
@@ -245,7 +242,7 @@ def quantize(artifact, config: QuantizeConfig, ctx):
     try:
         q = fasterai_quantize(artifact.model, config.mode, config.backend, config.per_tensor, batches)
     except (ValueError, RuntimeError, TypeError) as exc:  # fasterai wraps the FX errors in plain ones
-        raise CompressError(f"fasterai could not quantize this model ({str(exc).splitlines()[0][:200]})",
+        raise CompressError(f"fasterai could not quantize this model ({first_line(exc, 200)})",
                             "Use --method static (onnxruntime) or --method dynamic") from None
     qspec = getattr(q, "_fasterai_quant_spec", None)
     per_tensor = config.per_tensor or getattr(qspec, "qscheme", "") == "per_tensor"   # fasterai may fall back to it

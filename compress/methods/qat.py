@@ -16,24 +16,23 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from ..artifact import Artifact
-from ..errors import CompressError, require
 from ..config import option
+from ..cpu import REDUCE_RANGE, REDUCE_RANGE_HELP, reduce_range
+from ..errors import CompressError, require
 from ..registry import register
+from .quality import QualityGate, check
+from .quantize_torch import pt2e_capture, pt2e_example, pt2e_package
 from .training import FitSettings, Run, fit
-from .quantize import REDUCE_RANGE, REDUCE_RANGE_HELP, check, reduce_range, pt2e_capture, pt2e_example, pt2e_package
 
 
 @dataclass(frozen=True)
-class QATConfig:
+class QATConfig(QualityGate):
     epochs: int = option(3, "passes over the (limited) training split", range=(1, 1000))
     lr: float = option(1e-4, "learning rate (Adam); fine-tuning wants a small one", range=(0.0, 1.0))
     batch_size: int = option(32, "samples per step", range=(2, 4096))
     limit: int | None = option(None, "train on the first N training samples only", range=(2, None))
     reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (activations)", choices=REDUCE_RANGE)
     seed: int | None = option(None, "shuffling seed (default: the pipeline's seed)")
-    max_accuracy_drop: float | None = option(None, "fail when accuracy drops more than this", range=(0.0, 1.0))
-    require_speedup: bool = option(False, "fail when the result is not faster than its input (batch 1, 1 thread)")
-    check_speed: bool = option(True, "time input and result briefly and warn when it is not faster")
 
 
 @register("quantize", "qat", QATConfig, accepts=("torch",), produces="pt2", needs_data=True, requires=(("torchao", "ao"),),
@@ -67,7 +66,7 @@ def qat(artifact: Artifact, config: QATConfig, ctx) -> Artifact:
         warnings.simplefilter("ignore")
         graph = pt2e_capture(artifact, copy.deepcopy(artifact.model).train(), example, dynamic, "QAT")
         quantizer = xiq.X86InductorQuantizer()
-        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range(config, ctx, False)))
+        quantizer.set_global(xiq.get_default_x86_inductor_quantization_config(is_qat=True, reduce_range=reduce_range(config.reduce_range, ctx.metrics, False)))
         prepared = pt2e.prepare_qat_pt2e(graph, quantizer)
 
         def step(idx):

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from ..artifact import Artifact
-from ..errors import CompressError, require
+from ..errors import CompressError, first_line, require
 
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
@@ -87,7 +87,9 @@ def calibration_batches(artifact: Artifact, ctx, samples: int, batch_size: int =
 
 
 def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_channel: bool, reduce_range: bool,
-                    exclude: tuple[str, ...] = ()) -> dict:
+                    exclude: tuple[str, ...] = (), symmetric: bool = False) -> dict:
+    """Q/DQ int8 calibrated on ``batches``: uint8 activations and int8 weights for onnxruntime's CPU kernels, or with
+    ``symmetric`` int8 for both with zero points of 0 (what TensorRT's explicit int8 takes)."""
     ortq = require("onnxruntime.quantization", None, "onnxruntime quantization")
     import onnxruntime as ort
 
@@ -98,23 +100,26 @@ def quantize_static(src: Path, dst: Path, batches: list, calibration: str, per_c
     extra = {"CalibMovingAverage": True} if calibration == "minmax" else {}
     if calibration == "percentile":
         extra["CalibPercentile"] = 99.99
+    if symmetric:
+        extra |= {"ActivationSymmetric": True, "WeightSymmetric": True}
     try:
         with _quiet(dst.parent):
             ortq.quantize_static(str(pre), str(dst), _Reader(batches, names), quant_format=ortq.QuantFormat.QDQ,
-                                 per_channel=per_channel, reduce_range=reduce_range, activation_type=ortq.QuantType.QUInt8,
+                                 per_channel=per_channel, reduce_range=reduce_range,
+                                 activation_type=ortq.QuantType.QInt8 if symmetric else ortq.QuantType.QUInt8,
                                  weight_type=ortq.QuantType.QInt8, calibrate_method=getattr(ortq.CalibrationMethod, CALIBRATION[calibration]),
                                  nodes_to_exclude=list(exclude) or None, extra_options=extra)
     except CompressError:
         raise
     except Exception as exc:  # noqa: BLE001
-        raise CompressError(f"onnxruntime static quantization failed: {str(exc).splitlines()[0][:200]}",
+        raise CompressError(f"onnxruntime static quantization failed: {first_line(exc, 200)}",
                             "Try -s calibration=minmax, or --method dynamic") from None
     finally:
         for f in dst.parent.glob("_pre.onnx*"):
             f.unlink()
         for f in dst.parent.glob("*augmented*"):
             f.unlink()
-    info.update({"format": "QDQ", "activations": "uint8", "weights": "int8", "calibration": calibration,
+    info.update({"format": "QDQ", "activations": "int8" if symmetric else "uint8", "weights": "int8", "calibration": calibration,
                  "calibration_samples": sum(len(b[0]) for b in batches)})
     return info
 
@@ -148,7 +153,7 @@ def quantize_dynamic(src: Path, dst: Path, per_channel: bool, reduce_range: bool
                 raise
             except Exception as exc:  # noqa: BLE001
                 if i:
-                    raise CompressError(f"onnxruntime dynamic quantization failed: {str(exc).splitlines()[0][:200]}", "Try --backend torch") from None
+                    raise CompressError(f"onnxruntime dynamic quantization failed: {first_line(exc, 200)}", "Try --backend torch") from None
     finally:
         for f in dst.parent.glob("_pre.*onnx*"):
             f.unlink()

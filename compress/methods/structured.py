@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import CompressError, require
+from ..errors import CompressError, first_line, require
 from ..config import option
 from ..registry import register
 from . import shapes
@@ -91,7 +91,7 @@ def structured(artifact, config: StructuredConfig, ctx):
         except CompressError:
             raise
         except Exception as exc:  # noqa: BLE001 - Torch-Pruning raises plain errors on graphs it cannot trace
-            raise CompressError(f"Torch-Pruning could not prune this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+            raise CompressError(f"Torch-Pruning could not prune this model ({type(exc).__name__}: {first_line(exc, 160)})",
                                 "Add the offending layers to --set ignore=..., or use --method magnitude") from None
         model.eval()
         entry = {"step": k + 1, "params": count(tp, model, example)[1]}
@@ -135,7 +135,7 @@ def _pruner(tp, model, example, config: StructuredConfig, artifact, ctx):
                                     max_pruning_ratio=config.max_layer_amount, ignored_layers=ignored, round_to=config.round_to,
                                     iterative_steps=config.steps, iterative_pruning_ratio_scheduler=schedule(config.schedule))
     except Exception as exc:  # noqa: BLE001
-        raise CompressError(f"Torch-Pruning could not trace this model ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+        raise CompressError(f"Torch-Pruning could not trace this model ({type(exc).__name__}: {first_line(exc, 160)})",
                             "Add the offending layers to --set ignore=..., or use --method magnitude") from None
 
 
