@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,8 @@ class RichProgress(Progress):
         from rich.progress import Progress as Bars
 
         with Bars(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.con, transient=True, disable=self.quiet) as bar:
+                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=self.con, transient=True,
+                  disable=self.quiet or not self.con.is_terminal) as bar:
             yield _RichTask(bar, bar.add_task(description, total=total, completed=completed, info=""))
 
     @contextlib.contextmanager
@@ -137,16 +139,20 @@ def model_options(fn):
         click.option("--example-input", type=click.Path(), help="A .pt file holding an example input tensor (or a list of them)."),
         click.option("--static-shapes", is_flag=True, help="Do not make the batch dimension dynamic in exports."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading pickled modules (this runs code from the file)."),
+        click.option("--no-verify", "no_verify", is_flag=True, help="Skip the checksum checks of the SOURCE's files (zip CRC-32s, a run directory's SHA-256s)."),
+        click.option("--allow-nonfinite", is_flag=True, help="Load weights that hold NaN or Inf (refused by default)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle) -> dict:
+def _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, no_verify, allow_nonfinite) -> dict:
+    """The model options as a pipeline's ``model:`` section."""
     m = {"source": str(source)}
     for k, v in (("arch", arch), ("arch_args", arch_args), ("input_shape", list(input_shape) or None),
-                 ("example_input", example_input), ("static_shapes", static_shapes or None), ("trust_pickle", trust_pickle or None)):
+                 ("example_input", example_input), ("static_shapes", static_shapes or None), ("trust_pickle", trust_pickle or None),
+                 ("verify", False if no_verify else None), ("allow_nonfinite", allow_nonfinite or None)):
         if v not in (None, ""):
             m[k] = v
     return m
@@ -258,10 +264,10 @@ Examples:
 @OUT_OPTION
 @click.option("--resume", is_flag=True, help="Reuse completed work in OUT.")
 @global_flags
-def prune(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, amount, sweep, ignore, sets, data, out, resume):
+def prune(source, method, amount, sweep, ignore, sets, data, out, resume, **model):
     """Remove weights or whole channels/heads from a model."""
     opts = {"method": method, "amount": amount, "sweep": sweep, "ignore": list(ignore) or None, **_sets(sets)}
-    _run_one("prune", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out, resume)
+    _run_one("prune", _model_doc(source, **model), opts, data, out, resume)
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
@@ -275,6 +281,7 @@ Examples:
 @click.argument("source")
 @model_options
 @click.option("--teacher", help="The teacher SOURCE (defaults to the SOURCE's original model in pipelines).")
+@click.option("--teacher-input-shape", multiple=True, help="What the teacher eats, where it differs from the student (repeatable).")
 @click.option("--method", help="Distillation method (see 'compress ls distill').")
 @click.option("--student-layers", type=int, help="Train a shallower copy of a transformer SOURCE keeping this many encoder layers.")
 @SET_OPTION
@@ -282,15 +289,16 @@ Examples:
 @OUT_OPTION
 @click.option("--resume", is_flag=True, help="Continue an interrupted training from its checkpoint.")
 @global_flags
-def distill(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, teacher, method, student_layers, sets, data, out, resume):
+def distill(source, teacher, teacher_input_shape, method, student_layers, sets, data, out, resume, **model):
     """Train a student model to match a teacher on real data.
 
     Runs as is under torchrun (DistributedDataParallel); only rank 0 writes OUT.
     """
-    opts = {"method": method, "teacher": teacher, "student_layers": student_layers, **_sets(sets)}
+    opts = {"method": method, "teacher": teacher, "teacher_input_shape": list(teacher_input_shape) or None,
+            "student_layers": student_layers, **_sets(sets)}
     if resume:
         opts["resume"] = True
-    _run_one("distill", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+    _run_one("distill", _model_doc(source, **model), opts, data, out)
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
@@ -309,11 +317,10 @@ Examples:
 @DATA_OPTION
 @OUT_OPTION
 @global_flags
-def quantize(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, method, backend, max_accuracy_drop,
-             require_speedup, sets, data, out):
+def quantize(source, method, backend, max_accuracy_drop, require_speedup, sets, data, out, **model):
     """Quantize to int8: dynamic (Linear/LSTM), static (calibrated on --data) or auto (picks per model)."""
     opts = {"method": method, "backend": backend, "max_accuracy_drop": max_accuracy_drop, "require_speedup": require_speedup, **_sets(sets)}
-    _run_one("quantize", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+    _run_one("quantize", _model_doc(source, **model), opts, data, out)
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
@@ -332,10 +339,10 @@ Examples:
 @DATA_OPTION
 @OUT_OPTION
 @global_flags
-def export(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, target, opset, sets, data, out):
+def export(source, target, opset, sets, data, out, **model):
     """Export to TorchScript, ONNX, torch.export (.pt2) or TensorRT, verified against the source."""
     opts = {"target": target, "opset": opset, **_sets(sets)}
-    _run_one("export", _model_doc(source, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle), opts, data, out)
+    _run_one("export", _model_doc(source, **model), opts, data, out)
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
@@ -358,18 +365,16 @@ Examples:
 @click.option("--markdown", type=click.Path(), help="Write the report as Markdown.")
 @click.option("--html", type=click.Path(), help="Write a self-contained HTML report with plots.")
 @global_flags
-def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, device, batch_size, threads, budget,
+def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, trust_pickle, no_verify, allow_nonfinite, device, batch_size, threads, budget,
           max_runs, limit, data, json_path, markdown, html):
     """Measure latency, throughput, size, memory and accuracy of one or more artifacts.
 
     The first SOURCE is the baseline for speedups and fidelity; when it is a run directory whose manifest
     names an earlier source that can still be loaded, that source is benched first as the baseline.
     """
-    import dataclasses
-
-    from compress.measure import BenchSettings, bench_artifacts
+    from compress.measure import BenchSettings, bench_artifacts, bench_sources
     from compress.report import write_reports
-    from compress.sources import ModelSpec, load_model
+    from compress.sources import ModelSpec
 
     flags = _flags()
     settings = BenchSettings.from_options({"device": device, "batch_size": batch_size, "threads": threads, "budget_s": budget,
@@ -378,47 +383,13 @@ def bench(sources, arch, arch_args, input_shape, example_input, static_shapes, t
     for path in (json_path, markdown, html):
         if path and Path(path).exists() and not flags.force:
             raise CompressError(f"{path} already exists", "Pass --force to replace it")
-    options = ModelSpec.parse("", arch, arch_args, input_shape, example_input, static_shapes, trust_pickle)   # parsed once, for every SOURCE
-    artifacts = [(Path(s).name or s, load_model(dataclasses.replace(options, source=s))) for s in _expand_run_dirs(sources)]
-    baseline = _manifest_baseline(artifacts[0][1], options)
-    if baseline is not None:
-        artifacts.insert(0, ("source", baseline))
-    else:
-        artifacts[0] = ("source", artifacts[0][1])
-    report = bench_artifacts(artifacts, settings, progress=RichProgress(flags.quiet))
+    options = ModelSpec.parse("", arch, arch_args, input_shape, example_input, static_shapes, trust_pickle,   # parsed once, for every SOURCE
+                              not no_verify, allow_nonfinite)
+    report = bench_artifacts(bench_sources(sources, options), settings, progress=RichProgress(flags.quiet))
     if not flags.quiet:
         _print_bench(report)
     for p in write_reports(report, None, settings):
         console().print(escape(f"wrote {p}"))
-
-
-def _manifest_baseline(first, options):
-    """The earlier source a run directory's manifest names (e.g. zoo:mobilenet_v2), loaded, or None."""
-    from compress.sources import ModelSpec, load_model
-
-    if not first.stages or not first.source:
-        return None
-    arch = first.arch or {}
-    own = not str(first.source).startswith(("zoo:", "hf:"))   # a built-in or transformers source knows its architecture
-    spec = ModelSpec(first.source, arch.get("spec") if own else None, (arch.get("args") or {}) if own else {},
-                     options.inputs or tuple(first.input_spec))
-    try:
-        return load_model(spec)
-    except CompressError as exc:
-        logging.getLogger("compress.measure").info("baseline: the manifest's source %s cannot be loaded (%s); using the first SOURCE",
-                                                 first.source, exc.what)
-        return None
-
-
-def _expand_run_dirs(sources) -> list[str]:
-    out = []
-    for s in sources:
-        stages = Path(s) / "stages"
-        if stages.is_dir():
-            out += [str(d) for d in sorted(stages.iterdir()) if d.is_dir() and not d.name.startswith(".")]
-        else:
-            out.append(s)
-    return out
 
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
@@ -541,8 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     flags = Flags(debug="--debug" in argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     if not flags.debug:
-        # Libraries' internal deprecation chatter (e.g. torch's pytree notices when torchao is imported) is not for users.
+        # Libraries' internal deprecation chatter (torch's pytree notices when torchao is imported, "torch.jit.load is
+        # deprecated" when a TorchScript artifact is benched) is not for users.
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     with _logging(flags):
         return _main(argv, flags)
 

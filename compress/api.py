@@ -60,12 +60,10 @@ def export(model, target, *, data: str | None = None, out=None, **options) -> Ar
 def bench(*models, data: str | None = None, **settings):
     """Measure every model (Artifacts or SOURCEs; the first is the baseline) as ``compress bench`` does; returns a
     :class:`~compress.measure.BenchReport`. ``settings``: device, batch_size, threads, budget_s, limit, ..."""
-    from .measure import bench_artifacts, BenchSettings
+    from .measure import BenchSettings, bench_artifacts, bench_sources
 
-    if not models:
-        raise CompressError("nothing to benchmark", "Give at least one model")
-    artifacts = [("source" if i == 0 else _label(m, i), _artifact(m)) for i, m in enumerate(models)]
-    return bench_artifacts(artifacts, BenchSettings.from_options(settings, data))
+    settings = BenchSettings.from_options(settings, data)
+    return bench_artifacts(bench_sources([str(m) if isinstance(m, Path) else m for m in models]), settings)
 
 
 def run(pipeline, out=None, *, sets=(), force: bool = False, resume: bool = False):
@@ -118,14 +116,6 @@ def _artifact(model) -> Artifact:
         return load(model)
     raise CompressError(f"a {type(model).__name__} is not a model compress can take here",
                         "Give an Artifact (compress.load(...)) or a SOURCE: a path or zoo:NAME")
-
-
-def _label(model, i: int) -> str:
-    from .artifact import Artifact
-
-    if isinstance(model, Artifact):
-        return model.stages[-1]["method"] if model.stages else f"model {i}"
-    return Path(str(model)).name or str(model)
 
 
 def _out(out, stage: str) -> Path:

@@ -166,7 +166,12 @@ class HFModel(nn.Module):
         normalize = bool(args.pop("normalize", (path / "2_Normalize").exists() or _lists_normalize(path)))
         args.pop("num_labels", None)
         args.setdefault("attn_implementation", "eager")
-        auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModel
+        vision = getattr(config, "image_size", None) is not None     # ViT, DeiT, Swin, ...: pixel_values in
+        if vision:
+            cls = HFVisionModel
+            auto = transformers.AutoModelForImageClassification if task == "classification" else transformers.AutoModel
+        else:
+            auto = transformers.AutoModelForSequenceClassification if task == "classification" else transformers.AutoModel
         if pretrained:
             model = auto.from_pretrained(path, config=config, **args)
         else:
@@ -200,6 +205,28 @@ class HFModel(nn.Module):
     def tokenizer(self):
         transformers = require("transformers", "hf", "tokenizing text")
         return transformers.AutoTokenizer.from_pretrained(self.path)
+
+
+class HFVisionModel(HFModel):
+    """A transformers vision model (ViT, DeiT, Swin, ...): ``pixel_values`` in, logits or the pooled embedding out."""
+
+    def forward(self, pixel_values):
+        out = self.model(pixel_values=pixel_values)
+        if self.task == "classification":
+            return out.logits
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None or self.pooling == "cls":
+            hidden = out.last_hidden_state
+            pooled = hidden[:, 0] if hidden.dim() == 3 else hidden.flatten(2).mean(-1)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1) if self.normalize else pooled
+
+    def default_inputs(self, seq: int = 128) -> list[InputSpec]:
+        cfg = self.model.config
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        return [InputSpec("pixel_values", (1, getattr(cfg, "num_channels", 3), size, size), "float32", (0,))]
+
+    def tokenizer(self):
+        return None
 
 
 def _lists_normalize(path: Path) -> bool:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import CompressError
 from .formats import FORMATS, TORCH_FORMATS
-from .manifest import Manifest
+from .manifest import MANIFEST, Manifest
 from .inputs import InputSpec
 
 
@@ -53,8 +53,9 @@ class Artifact:
         return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def save(artifact: Artifact, directory: Path) -> Artifact:
-    """Write the artifact's model file and manifest into ``directory``; returns the artifact pointing there."""
+def save(artifact: Artifact, directory: Path, manifest: bool = True) -> Artifact:
+    """Write the artifact's model file (and, unless ``manifest`` is False, its manifest) into ``directory``; returns the
+    artifact pointing there."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     extra = dict(artifact.extra)
@@ -90,7 +91,8 @@ def save(artifact: Artifact, directory: Path) -> Artifact:
             for f in [src, *_companions(src)]:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, directory / f.name)
     out = artifact.evolve(path=directory / model_file, extra=extra)
-    out.manifest(model_file).write(directory)
+    if manifest:
+        out.manifest(model_file).write(directory)
     return out
 
 
@@ -112,22 +114,27 @@ def _companions(model_file: Path) -> list[Path]:
 RUN_KEYS = ("status", "error", "pipeline")
 
 
-def load_run_dir(directory: Path, trust_pickle: bool = False) -> Artifact:
+def load_run_dir(directory: Path, trust_pickle: bool = False, verify: bool = True, allow_nonfinite: bool = False) -> Artifact:
+    """A run directory's artifact; with ``verify``, its files are checked against the SHA-256s its manifest recorded."""
     manifest = Manifest.read(directory)
     path = Path(directory) / manifest.model_file
     if not path.exists():
         raise CompressError(f"{directory} names the model file {manifest.model_file}, which is missing", "Rerun the command that wrote it")
+    if verify:
+        manifest.verify(directory)
+        if path.parent != Path(directory) and (path.parent / MANIFEST).is_file():   # a failed run's model, in its stage folder
+            Manifest.read(path.parent).verify(path.parent)
     art = Artifact(format=manifest.format, input_spec=manifest.input_spec, source=manifest.source, path=path,
                    arch=manifest.arch, rebuild=manifest.rebuild, stages=manifest.stages,
                    extra={k: v for k, v in manifest.extra.items() if k not in RUN_KEYS})
     if art.is_torch:
-        art.model = rebuild_torch(art, path, trust_pickle)
+        art.model = rebuild_torch(art, path, trust_pickle, allow_nonfinite)
     return art
 
 
-def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
+def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool, allow_nonfinite: bool = False) -> nn.Module:
     from . import arch as arch_mod
-    from .checkpoints import load_pickled_module, read_state_dict
+    from .checkpoints import check_finite, load_pickled_module, read_state_dict
 
     if art.extra.get("pickled") or art.arch is None:
         return load_pickled_module(path, trust_pickle)
@@ -136,7 +143,9 @@ def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool) -> nn.Module:
     after = [s for s in art.rebuild if art.extra.get("requantize_on_load") and str(s.get("op", "")).startswith("quantize")]
     for step in [s for s in art.rebuild if s not in after]:
         model = _replay(model, step, path)
-    arch_mod.load_state_dict(model, read_state_dict(path), f"{art.arch['spec']} (rebuilt from {path.parent})")
+    state = read_state_dict(path)
+    check_finite(state, path, allow_nonfinite)
+    arch_mod.load_state_dict(model, state, f"{art.arch['spec']} (rebuilt from {path.parent})")
     for step in after:
         model = _replay(model, step, path)
     return model.eval()

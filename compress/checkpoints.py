@@ -24,13 +24,46 @@ def read_example_input(path: Path) -> tuple[torch.Tensor, ...]:
     raise CompressError(f"{path} does not hold a tensor or a list of tensors", "Save the example input with torch.save(tensor, path)")
 
 
-def read_state_dict(path: Path, trust_pickle: bool = False):
-    """Read weights safely: safetensors, or torch.load(weights_only=True); pickles only when trusted."""
+def check_zip(path: Path) -> None:
+    """A zip-based file (torch.save's .pt/.pth, TorchScript, .pt2) checked against the CRC-32 of every entry, which
+    torch.load does not do: flipped bytes in tensor data would otherwise load as garbage weights. Files that are not
+    zips (safetensors, the legacy pickle format, ONNX) pass; what they are is judged by their own loaders."""
+    import zlib
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile:
+        return
+    except (OSError, EOFError, ValueError, NotImplementedError, zlib.error, RuntimeError) as exc:
+        raise CompressError(f"{path} is damaged: its zip archive cannot be read ({first_line(exc, 160)})",
+                            "Restore it from a good copy or re-create it; nothing was written") from None
+    if bad is not None:
+        raise CompressError(f"{path} is damaged: its entry {bad} fails its CRC-32 check",
+                            "Restore it from a good copy or re-create it; nothing was written")
+
+
+def check_finite(state: dict, what, allow: bool = False) -> None:
+    """Refuse weights holding NaN or Inf (a diverged training, a damaged file) unless ``allow``."""
+    if allow:
+        return
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CompressError(f"{what} holds {bad} NaN/Inf value(s) in '{name}'",
+                                "Check the training that wrote it, or pass --allow-nonfinite if the model means it")
+
+
+def read_state_dict(path: Path, trust_pickle: bool = False, verify: bool = True):
+    """Read weights safely: safetensors, or torch.load(weights_only=True) after the zip's CRC-32 check; pickles only
+    when trusted."""
     path = Path(path)
     if not path.exists():
         raise CompressError(f"{path} does not exist", "Check the path")
     if path.stat().st_size == 0:
         raise CompressError(f"{path} is empty", "The file was not written completely; recreate it")
+    if verify:
+        check_zip(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -59,6 +92,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False):
 def load_pickled_module(path: Path, trust_pickle: bool) -> nn.Module:
     if not trust_pickle:
         raise CompressError(f"{path} is a pickled module and {PICKLE_WHY}", "Pass --trust-pickle if you trust the file")
+    check_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - arbitrary pickles fail arbitrarily

@@ -418,11 +418,20 @@ def _tokenize(texts, specs, tokenizer, max_length, pad_to):
 
 
 def tokenizer_for(artifact) -> object | None:
-    """The tokenizer of a transformers model (from the artifact's architecture spec), or None."""
+    """The tokenizer of a transformers text model (from the artifact's architecture spec), or None: not a transformers
+    model, a vision one, or a folder saved without tokenizer files (text data then says it needs one)."""
     arch = (artifact.arch or {}).get("spec", "") if artifact is not None else ""
     if not arch.startswith("hf:"):
         return None
     transformers = require("transformers", "hf", "tokenizing text")
+    import json
+
     from .arch import resolve_hf_path
 
-    return transformers.AutoTokenizer.from_pretrained(resolve_hf_path(arch[3:]))
+    path = resolve_hf_path(arch[3:])
+    try:
+        if "image_size" in json.loads((path / "config.json").read_text()):
+            return None
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None

@@ -1,6 +1,7 @@
 """``manifest.json``: how an artifact was made (its whole stage history) and how to load it again."""
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class Manifest:
     arch: dict | None = None
     rebuild: list[dict] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
+    # Every file of the directory (not its subfolders) as written: {name: {"size": bytes, "sha256": hex}}.
+    files: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d: dict[str, Any] = {
@@ -66,10 +69,29 @@ class Manifest:
         if self.rebuild:
             d["rebuild"] = self.rebuild
         d.update(self.extra)
+        if self.files:
+            d["files"] = self.files
         return d
 
     def write(self, directory: Path) -> Path:
+        """Write manifest.json into ``directory``, recording the size and SHA-256 of every file beside it."""
+        self.files = {f.name: {"size": f.stat().st_size, "sha256": sha256(f)} for f in sorted(Path(directory).iterdir())
+                      if f.is_file() and f.name != MANIFEST and not f.name.startswith(".")}
         return write_file_atomic(Path(directory) / MANIFEST, json.dumps(self.to_json(), indent=2, default=_jsonable) + "\n")
+
+    def verify(self, directory: Path) -> None:
+        """Refuse a file the manifest lists that is missing, truncated or changed since it was written (one line naming it)."""
+        fix = "Re-create it with the command that wrote it, or pass --no-verify to load it anyway"
+        for name, want in self.files.items():
+            f = Path(directory) / name
+            if not f.is_file():
+                raise CompressError(f"{f} is missing (the run directory's manifest lists it)", fix)
+            size = f.stat().st_size
+            if size != want.get("size"):
+                raise CompressError(f"{f} was {'truncated' if size < want.get('size', 0) else 'changed'} after compress wrote it "
+                                    f"({size} bytes, the manifest says {want.get('size')})", fix)
+            if sha256(f) != want.get("sha256"):
+                raise CompressError(f"{f} was modified after compress wrote it (its SHA-256 differs from the manifest's)", fix)
 
     @classmethod
     def read(cls, directory: Path) -> "Manifest":
@@ -86,11 +108,20 @@ class Manifest:
         if missing or d.get("format") not in FORMATS:
             raise CompressError(f"{path} is not a valid manifest (missing or bad: {', '.join(missing) or 'format'})",
                                 "Rerun the command that wrote it")
-        known = {"format", "model_file", "source", "input_spec", "stages", "env", "arch", "rebuild"}
+        known = {"format", "model_file", "source", "input_spec", "stages", "env", "arch", "rebuild", "files"}
+        files = d.get("files") if isinstance(d.get("files"), dict) else {}
         return cls(format=d["format"], model_file=d["model_file"], source=d.get("source", str(directory)),
                    input_spec=[InputSpec.from_json(s) for s in d["input_spec"]], stages=list(d.get("stages", [])),
                    env=d.get("env", {}), arch=d.get("arch"), rebuild=list(d.get("rebuild", [])),
-                   extra={k: v for k, v in d.items() if k not in known})
+                   extra={k: v for k, v in d.items() if k not in known}, files=files)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _jsonable(o):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import logging
 import io
 import math
 import os
@@ -27,6 +28,7 @@ from .progress import SILENT, Progress
 from .runners import load_runner
 from .timing import INTERLEAVE_ROUNDS, Clocked, time_interleaved
 
+log = logging.getLogger(__name__)
 TEXT_TIMING_BATCHES = 16   # real text batches cycled through while timing
 QUALITY_BATCH = 32
 BENCH_KEYS = ("device", "batch_size", "threads", "data", "json", "markdown", "html", "limit", "budget_s", "min_runs", "max_runs")
@@ -225,6 +227,39 @@ def quality(outputs: list[torch.Tensor], labels: list[torch.Tensor], reference: 
             m["top1_agreement_vs_source"] = s["top1_agreement"]
     m["samples"] = sum(len(y) for y in labels)
     return m
+
+
+# ---------------------------------------------------------------- what to bench
+def bench_sources(sources, options=None) -> list[tuple[str, Artifact]]:
+    """The artifacts ``compress bench SOURCE...`` measures, labelled: a run directory stands for its stages, and the
+    first is the baseline — or, when it is a run directory whose manifest names an earlier source that can still be
+    loaded (e.g. zoo:mobilenet_v2), that source is. ``sources``: paths / zoo names, or Artifacts already loaded;
+    ``options``: the model options (a :class:`~compress.sources.ModelSpec`) every SOURCE is loaded with."""
+    from .sources import ModelSpec, load_model
+
+    options = options or ModelSpec("")
+    loaded = []
+    for s in sources:
+        if isinstance(s, Artifact):
+            loaded.append((s.stages[-1]["method"] if s.stages else "model", s))
+            continue
+        stages = Path(s) / "stages"
+        paths = [str(d) for d in sorted(stages.iterdir()) if d.is_dir() and not d.name.startswith(".")] if stages.is_dir() else [str(s)]
+        loaded += [(Path(p).name or p, load_model(dataclasses.replace(options, source=p))) for p in paths]
+    if not loaded:
+        raise CompressError("nothing to benchmark", "Give at least one SOURCE")
+    first = loaded[0][1]
+    baseline = None
+    if first.stages and first.source:
+        arch = first.arch or {}
+        own = not str(first.source).startswith(("zoo:", "hf:"))   # a built-in or transformers source knows its architecture
+        spec = dataclasses.replace(options, source=str(first.source), arch=arch.get("spec") if own else None,
+                                   arch_args=(arch.get("args") or {}) if own else {}, inputs=options.inputs or tuple(first.input_spec))
+        try:
+            baseline = load_model(spec)
+        except CompressError as exc:
+            log.info("baseline: the manifest's source %s cannot be loaded (%s); using the first SOURCE", first.source, exc.what)
+    return [("source", baseline), *loaded] if baseline is not None else [("source", first), *loaded[1:]]
 
 
 # ---------------------------------------------------------------- benchmarking artifacts

@@ -3,9 +3,9 @@ plan, ``compress run PIPELINE.yaml`` a longer one, and the Python API calls the 
 
 One layout for every run directory OUT: each stage's own run directory under ``OUT/stages/NN-stage-method/``, and the
 final model's files (hard links to the last stage's) with the run's ``manifest.json`` at the top, plus
-``report.{json,md,html}`` when there is a bench. Everything is written into a hidden partial folder that becomes OUT
-at the end; a stage folder is whole or absent. When a stage fails after others completed, those are kept for
-``resume``.
+``report.{json,md,html}`` when there is a bench. Each stage is committed into place as soon as it finishes (see
+:class:`_Out`), so a stage folder is whole or absent and no kill loses a finished one; ``resume`` continues from them.
+One command writes an OUT at a time (a lock).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .errors import CompressError, StagesKept
 from .manifest import MANIFEST, Manifest
 from .plan import Plan, StagePlan, check
 from .progress import SILENT, Progress
-from .rundir import check_destination, commit_dir, partial_dir, write_failure
+from .rundir import check_destination, clean_stale, commit_dir, exclusive, fsync_dir, owned_partial, partial_dir, sync_tree, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class RunResult:
     out: Path
     artifacts: list[tuple[str, Artifact]]   # (label, artifact): the source first, then every stage's
     final: Artifact                         # the main line's last artifact, as saved at OUT's top
-    report: dict | None = None
+    report: object = None                   # the BenchReport, when the plan has a bench
 
 
 def run(plan: Plan | dict, out: str | Path, *, force: bool = False, resume: bool = False, progress: Progress | None = None,
@@ -88,11 +88,14 @@ def _run(plan: Plan, out: Path, *, force: bool, resume: bool, progress: Progress
         raise CompressError("the pipeline has no stages and no bench section, so there is nothing to do", "Add stages or a bench section")
     _check_gpu(plan)
     check_destination(out, force or resume, plan.protected)   # before the (possibly slow) load: fail fast
-    if source is None:
-        with progress.stage(f"loading {plan.model.source}"):
-            source = sources.load_model(plan.model)
+    with exclusive(out):
+        if source is None:
+            with progress.stage(f"loading {plan.model.source}"):
+                source = sources.load_model(plan.model)
+        return _write(plan, _Out(out, resume, plan), source, resume, progress)
 
-    tmp = partial_dir(out)   # also removes stale partial outputs of killed runs next to it
+
+def _write(plan: Plan, out: "_Out", source: Artifact, resume: bool, progress: Progress) -> RunResult:
     artifacts: list[tuple[str, Artifact]] = [("source", source)]
     current = source
     running = "?"
@@ -100,14 +103,14 @@ def _run(plan: Plan, out: Path, *, force: bool, resume: bool, progress: Progress
         reusing = resume
         for i, sp in enumerate(plan.stages):
             running = f"{sp.label.split('-', 1)[0]} ({sp.stage} {sp.method.name})"
-            reused = _reusable(out, plan.stages[: i + 1], source) if reusing else None
+            reused = _reusable(out.out, plan.stages[: i + 1], source) if reusing and out.live else None
             reusing = reused is not None  # once a stage runs again, every later stage must run again too
             if reused is not None:
-                shutil.copytree(reused, tmp / "stages" / sp.label)
-                result = load_run_dir(tmp / "stages" / sp.label, trust_pickle=plan.model.trust_pickle)
-                log.info("reusing %s from %s", sp.label, out)
+                result = load_run_dir(reused, trust_pickle=plan.model.trust_pickle)
+                log.info("reusing %s from %s", sp.label, out.out)
             else:
-                result = _run_stage(sp, current, source, tmp, plan, progress)
+                result = _run_stage(sp, current, source, out, plan, progress)
+                out.progress_manifest(result)
             artifacts.append((sp.label, result))
             if not sp.branch:
                 current = result
@@ -118,27 +121,94 @@ def _run(plan: Plan, out: Path, *, force: bool, resume: bool, progress: Progress
             from .report import write_reports
 
             report = bench_artifacts(artifacts, plan.bench, progress=progress)
-            write_reports(report, tmp, plan.bench)
-        final = _save_final(current, artifacts, tmp, plan)
-        commit_dir(tmp, out)
-        return RunResult(out, [(label, _relocate(a, tmp, out)) for label, a in artifacts], _relocate(final, tmp, out), report)
+            write_reports(report, out.root, plan.bench)
+        final = _save_final(current, artifacts, out.root, plan)
+        moved = out.finish()
+        return RunResult(out.out, [(label, moved(a)) for label, a in artifacts], moved(final), report)
     except BaseException as exc:
-        full = write_failure(exc, out)   # before cleaning up, while the disk is still full
-        kept = False
-        if len(artifacts) > 1:
-            with contextlib.suppress(Exception):   # e.g. no room left for the manifest: then keep nothing
-                _keep_completed(tmp, out, artifacts, exc)
-                kept = True
-        if not kept:
-            shutil.rmtree(tmp, ignore_errors=True)
+        full = write_failure(exc, out.out)   # before cleaning up, while the disk is still full
+        kept = out.fail(artifacts[-1][1] if len(artifacts) > 1 else None, exc)
         error = full or exc
         if kept and not isinstance(error, CompressError):   # Ctrl-C, SIGTERM, a bug: the caller says what was kept
-            exc.kept_stages = (len(artifacts) - 1, out)
+            exc.kept_stages = (len(artifacts) - 1, out.out)
         if kept and isinstance(error, CompressError):
-            raise StagesKept(running, error.what, len(artifacts) - 1, out) from exc
+            raise StagesKept(running, error.what, len(artifacts) - 1, out.out) from exc
         if full is not None:
             raise full from exc
         raise
+
+
+class _Out:
+    """OUT while a run writes it. Each stage is committed — written, fsynced, renamed — into ``OUT/stages/`` as soon as
+    it finishes, and OUT's manifest then names it (status ``incomplete``), so any kill, SIGKILL included, leaves every
+    completed stage for ``--resume`` and never a half-written one. OUT itself appears with the first completed stage:
+    until then everything is in a hidden partial folder beside it, and an OUT being replaced (``--force``) is intact."""
+
+    def __init__(self, out: Path, resume: bool, plan: Plan):
+        self.out, self.labels = out, [sp.label for sp in plan.stages]
+        self.live = resume and (out / MANIFEST).is_file()          # continuing in place: OUT is this run's already
+        self.tmp = None if self.live else partial_dir(out)
+        self.cleared = False                                        # an earlier run's results at OUT's top removed
+        if self.live:
+            clean_stale(out / "stages")
+
+    @property
+    def root(self) -> Path:
+        return self.out if self.live else self.tmp
+
+    def stage_dir(self, label: str) -> Path:
+        return owned_partial(self.root / "stages", label)
+
+    def commit_stage(self, partial: Path, label: str) -> Path:
+        sync_tree(partial)
+        final = self.root / "stages" / label
+        if final.exists():                   # an earlier run's stage of the same name, made from other stages or configs
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        fsync_dir(final.parent)
+        if not self.live:                    # the first completed stage: OUT appears (replacing an earlier one with --force)
+            commit_dir(self.tmp, self.out)
+            self.live, self.tmp, self.cleared = True, None, True
+            return self.out / "stages" / label
+        if not self.cleared:                 # resuming: the earlier run's final model and report no longer hold
+            for f in self.out.iterdir():
+                if f.is_file() and f.name != MANIFEST and not f.name.startswith("."):
+                    f.unlink()
+            self.cleared = True
+        return final
+
+    def progress_manifest(self, last: Artifact) -> None:
+        """OUT's manifest while the run goes on: it names the last completed stage."""
+        if self.live:
+            self._status(last, "incomplete")
+
+    def _status(self, last: Artifact, status: str, error: str | None = None) -> None:
+        mf = last.manifest(str(Path(last.path).resolve().relative_to(self.out.resolve())))
+        mf.extra.update({"status": status, "pipeline": {"stages": self.labels}})
+        if error:
+            mf.extra["error"] = error
+        mf.write(self.out)
+
+    def finish(self):
+        """Make the finished run OUT (when it is still in its partial folder); returns how artifact paths move."""
+        if self.live:
+            return lambda a: a
+        tmp = self.tmp
+        commit_dir(tmp, self.out)
+        self.live, self.tmp = True, None
+        return lambda a: _relocate(a, tmp, self.out)
+
+    def fail(self, last: Artifact | None, exc: BaseException) -> bool:
+        """After a failure: keep OUT's completed stages (True), or remove the partial folder (False)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.live or last is None or last.path is None or self.out.resolve() not in Path(last.path).resolve().parents:
+            return False
+        for partial in (self.out / "stages").glob(".*.partial"):
+            shutil.rmtree(partial, ignore_errors=True)
+        with contextlib.suppress(Exception):   # e.g. no room left for the manifest: OUT keeps the previous one
+            self._status(last, "failed", str(exc) or type(exc).__name__)
+        return True
 
 
 def _check_gpu(plan: Plan) -> None:
@@ -154,10 +224,9 @@ def _check_gpu(plan: Plan) -> None:
                             "Run on a machine with an NVIDIA GPU, or ask for cpu")
 
 
-def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, tmp: Path, plan: Plan, progress: Progress) -> Artifact:
-    """Run one stage into a hidden work folder, then move it into place: a stage folder is whole or absent."""
-    stage_dir = tmp / "stages" / f".{sp.label}.partial"
-    stage_dir.mkdir(parents=True, exist_ok=True)
+def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, out: _Out, plan: Plan, progress: Progress) -> Artifact:
+    """Run one stage in a hidden work folder, then commit it into place: a stage folder is whole or absent."""
+    stage_dir = out.stage_dir(sp.label)
     ctx = StageContext(stage_dir, sp.data, source, plan.seed, plan.device, progress)
     started = time.perf_counter()
     with progress.stage(f"{sp.stage} ({sp.method.name})"):
@@ -169,35 +238,37 @@ def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, tmp: Path, pl
             result = sp.method.fn(current, sp.config, ctx)
     seconds = time.perf_counter() - started
     entry = sp.record() | {"metrics": ctx.metrics, "seconds": round(seconds, 3)}
-    result = result.evolve(stages=[*current.stages, entry], source=current.source)
-    saved = save(result, stage_dir)
-    final_dir = tmp / "stages" / sp.label
-    stage_dir.rename(final_dir)
+    saved = save(result.evolve(stages=[*current.stages, entry], source=current.source), stage_dir)
+    final_dir = out.commit_stage(stage_dir, sp.label)
     progress.done(f"{sp.stage} {sp.method.name}", seconds)
     return saved.evolve(path=final_dir / Path(saved.path).name)
 
 
-def _save_final(final: Artifact, artifacts, tmp: Path, plan: Plan) -> Artifact:
-    """OUT's top: the final model's files (hard links to its stage folder's, or the source saved) and the run's manifest."""
+def _save_final(final: Artifact, artifacts, root: Path, plan: Plan) -> Artifact:
+    """OUT's top: the final model's files (hard links to its stage folder's, or the source saved) and the run's manifest,
+    written last: a run directory whose manifest has no ``status`` is complete."""
     stage_dir = Path(final.path).parent if final.path is not None and final is not artifacts[0][1] else None
-    if stage_dir is None or tmp.resolve() not in stage_dir.resolve().parents:
-        final = save(final, tmp)                 # the source itself (no stage changed it): saved at the top
+    if stage_dir is None or root.resolve() not in stage_dir.resolve().parents:
+        final = save(final, root, manifest=False)        # the source itself (no stage changed it): saved at the top
     else:
         for f in stage_dir.iterdir():
             if f.name != MANIFEST and f.is_file():
-                _link(f, tmp / f.name)
-        final = final.evolve(path=tmp / Path(final.path).name)
+                _link(f, root / f.name)
+        final = final.evolve(path=root / Path(final.path).name)
     mf = final.manifest(Path(final.path).name)
     mf.extra["pipeline"] = {"stages": [sp.label for sp in plan.stages]}
-    mf.write(tmp)
+    mf.write(root)
     return final
 
 
 def _link(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to ``src`` (a copy where links are not possible), replacing what was there at once."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
     try:
-        os.link(src, dst)
+        os.link(src, tmp)
     except OSError:          # a file system without hard links
-        shutil.copy2(src, dst)
+        shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _reusable(out: Path, upto: tuple[StagePlan, ...], source: Artifact) -> Path | None:
@@ -207,7 +278,9 @@ def _reusable(out: Path, upto: tuple[StagePlan, ...], source: Artifact) -> Path 
         return None
     try:
         made = Manifest.read(d)
-    except CompressError:
+        made.verify(d)
+    except CompressError as exc:
+        log.warning("not reusing %s: %s; it runs again", d, exc.what)
         return None
 
     def key(s: dict) -> dict:
@@ -216,17 +289,6 @@ def _reusable(out: Path, upto: tuple[StagePlan, ...], source: Artifact) -> Path 
     # A branch stage's output fed nothing, so it is not in the history of the stages after it.
     wanted = [key(s) for s in source.stages] + [key(sp.record()) for sp in upto[:-1] if not sp.branch] + [key(upto[-1].record())]
     return d if made.source == source.source and history == wanted else None
-
-
-def _keep_completed(tmp: Path, out: Path, artifacts, exc: BaseException) -> None:
-    label, last = artifacts[-1]
-    mf = last.manifest(str(Path(last.path).resolve().relative_to(tmp.resolve())))
-    mf.extra["status"] = "failed"
-    mf.extra["error"] = str(exc) or type(exc).__name__
-    mf.write(tmp)
-    for partial in (tmp / "stages").glob(".*.partial"):
-        shutil.rmtree(partial, ignore_errors=True)
-    commit_dir(tmp, out)
 
 
 def _relocate(a: Artifact, tmp: Path, out: Path) -> Artifact:

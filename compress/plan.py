@@ -21,7 +21,7 @@ from .registry import STAGES
 from .sources import ModelSpec
 
 TOP_KEYS = ("model", "data", "stages", "bench", "seed", "device")
-MODEL_KEYS = ("source", "arch", "arch_args", "input_shape", "example_input", "static_shapes", "trust_pickle")
+MODEL_KEYS = ("source", "arch", "arch_args", "input_shape", "example_input", "static_shapes", "trust_pickle", "verify", "allow_nonfinite")
 
 
 class ValidationError(CompressError):
@@ -215,7 +215,8 @@ def _check_model(model, problems: list[str]) -> ModelSpec | None:
         shapes = ()
     try:
         return ModelSpec.parse(model["source"], model.get("arch"), model.get("arch_args"), shapes, model.get("example_input"),
-                               bool(model.get("static_shapes")), bool(model.get("trust_pickle")))
+                               bool(model.get("static_shapes")), bool(model.get("trust_pickle")), model.get("verify", True) is not False,
+                               bool(model.get("allow_nonfinite")))
     except CompressError as exc:
         problems.append(f"model: {exc.what}")
         return None

@@ -93,9 +93,7 @@ def partial_dir(out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{_owner_tag()}.", suffix=".partial", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
-    return tmp
+    return owned_partial(out.parent, out.name)
 
 
 def check_destination(out: Path, force: bool, protect: tuple[Path, ...] = ()) -> Path:
@@ -126,19 +124,68 @@ def check_destination(out: Path, force: bool, protect: tuple[Path, ...] = ()) ->
 
 
 @contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory that becomes ``out`` when the block succeeds, and vanishes when it fails."""
-    out = check_destination(Path(out), force, protect)
-    tmp = partial_dir(out)
+def exclusive(out: Path) -> Iterator[None]:
+    """Hold OUT for this process (an flock on ``.OUT.lock`` beside it): a second compress command writing the same
+    OUT at the same time fails at once with one line, so OUT is never a mix of two runs. The lock dies with its
+    process, SIGKILL included; the file is removed on the way out."""
+    import fcntl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise CompressError(f"{out} is being written by another compress command ({holder or 'still running'})",
+                                "Wait for it to finish, or choose another -o") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)          # the holder before us removed the file as we opened it: lock the one there now
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
     try:
-        yield tmp
-        commit_dir(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_error(exc, out) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def owned_partial(folder: Path, name: str) -> Path:
+    """A hidden work folder for ``name`` inside ``folder``, named for its owner (so clean_stale can remove it after a kill)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{_owner_tag()}.", suffix=".partial", dir=folder))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file below ``path`` and the folders themselves: what a rename then commits is on the disk."""
+    for p in sorted(Path(path).rglob("*"), key=lambda p: len(p.parts), reverse=True) + [Path(path)]:
+        if p.is_symlink():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def commit_dir(tmp: Path, out: Path) -> None:

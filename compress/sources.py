@@ -2,6 +2,7 @@
 or (only with --trust-pickle) a pickled whole module."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import zipfile
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import arch as arch_mod
 from .artifact import Artifact, load_run_dir
-from .checkpoints import read_state_dict
+from .checkpoints import check_finite, check_zip, read_state_dict
 from .errors import CompressError, first_line
 from .inputs import InputSpec, parse_input_shapes
 from .manifest import MANIFEST
@@ -27,10 +28,13 @@ class ModelSpec:
     inputs: tuple[InputSpec, ...] = ()     # from --input-shape or --example-input; empty: read from the source
     static_shapes: bool = False
     trust_pickle: bool = False
+    verify: bool = True                     # check files against their checksums (zip CRC-32s, a run directory's SHA-256s)
+    allow_nonfinite: bool = False           # load weights holding NaN or Inf
 
     @classmethod
     def parse(cls, source, arch: str | None = None, arch_args: str | dict | None = None, input_shape=(),
-              example_input: str | None = None, static_shapes: bool = False, trust_pickle: bool = False) -> "ModelSpec":
+              example_input: str | None = None, static_shapes: bool = False, trust_pickle: bool = False,
+              verify: bool = True, allow_nonfinite: bool = False) -> "ModelSpec":
         """The model options as the CLI, a YAML file or a notebook give them (strings), parsed; raises CompressError."""
         from .arch import parse_arch_args
 
@@ -45,7 +49,8 @@ class ModelSpec:
             inputs = [InputSpec(n, tuple(t.shape), CANONICAL.get(t.dtype, "float32"), () if static_shapes else (0,)) for n, t in zip(names, tensors)]
         else:
             inputs = parse_input_shapes([str(s) for s in input_shape or ()], static=static_shapes)
-        return cls(str(source), arch or None, parse_arch_args(arch_args), tuple(inputs), bool(static_shapes), bool(trust_pickle))
+        return cls(str(source), arch or None, parse_arch_args(arch_args), tuple(inputs), bool(static_shapes), bool(trust_pickle),
+                   bool(verify), bool(allow_nonfinite))
 
     @functools.cached_property
     def format(self) -> str:
@@ -75,15 +80,15 @@ def load_model(spec: ModelSpec) -> Artifact:
         from .zoo import resolve
 
         entry = resolve(spec.source[4:])
-        inner = ModelSpec(entry["source"], spec.arch or entry["arch"], spec.arch_args or entry.get("arch_args") or {},
-                          spec.inputs or entry.get("inputs", ()), spec.static_shapes, spec.trust_pickle)
+        inner = dataclasses.replace(spec, source=entry["source"], arch=spec.arch or entry["arch"],
+                                    arch_args=spec.arch_args or entry.get("arch_args") or {}, inputs=spec.inputs or entry.get("inputs", ()))
         return load_model(inner).evolve(source=spec.source)
     path, arch, args, specs = Path(spec.source), spec.arch, spec.arch_args, list(spec.inputs)
     if not path.exists():
         raise CompressError(f"source {path} does not exist", "Check the path (or use zoo:NAME for a built-in model; see 'compress ls')")
     if path.is_dir():
         if (path / MANIFEST).exists():
-            art = load_run_dir(path, spec.trust_pickle)
+            art = load_run_dir(path, spec.trust_pickle, spec.verify, spec.allow_nonfinite)
             if specs and art.model is not None:
                 check_input_spec(art.model, specs)
             return art.evolve(input_spec=specs or art.input_spec)
@@ -95,8 +100,10 @@ def load_model(spec: ModelSpec) -> Artifact:
     if path.stat().st_size == 0:
         raise CompressError(f"{path} is empty", "The file was not written completely; recreate it")
     fmt = spec.format
+    if spec.verify and fmt in ("torchscript", "pt2"):
+        check_zip(path)
     if fmt == "onnx":
-        return _onnx_artifact(path, specs)
+        return _onnx_artifact(path, specs, spec.allow_nonfinite)
     if fmt == "pt2":
         return _pt2_artifact(path, specs)
     if fmt in ("tensorrt", "torchscript"):
@@ -104,7 +111,9 @@ def load_model(spec: ModelSpec) -> Artifact:
             raise CompressError(f"{path} is a {'TorchScript archive' if fmt == 'torchscript' else 'TensorRT engine'}, whose input "
                                 "shape cannot be read from it", "Give --input-shape (e.g. 1x3x224x224)")
         return Artifact(fmt, specs, str(path), path=path)
-    state = read_state_dict(path, trust_pickle=spec.trust_pickle)
+    state = read_state_dict(path, trust_pickle=spec.trust_pickle, verify=spec.verify)
+    if isinstance(state, dict):
+        check_finite(state, path, spec.allow_nonfinite)
     if isinstance(state, nn.Module):
         if not specs:
             raise CompressError(f"{path} holds a whole module whose input shape is unknown", "Give --input-shape")
@@ -143,13 +152,17 @@ def _torch_artifact(model: nn.Module, spec: str, args: dict, specs: list[InputSp
     return Artifact("torch", specs, source, model=model, arch={"spec": spec, "args": args})
 
 
-def _onnx_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
+def _onnx_artifact(path: Path, specs: list[InputSpec], allow_nonfinite: bool = False) -> Artifact:
     import onnx
+    from onnx import numpy_helper
 
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises many types
         raise CompressError(f"{path} is not a readable ONNX model ({first_line(exc, 160)})", "The file is corrupt or of another type") from None
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    check_finite({i.name: torch.from_numpy(numpy_helper.to_array(i).astype("float32")) for i in model.graph.initializer
+                  if i.data_type in floats and i.data_location != onnx.TensorProto.EXTERNAL}, path, allow_nonfinite)
     init = {i.name for i in model.graph.initializer}
     graph_specs = []
     for inp in model.graph.input:

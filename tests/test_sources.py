@@ -327,7 +327,7 @@ def _broken_files(tmp_path) -> dict[str, Path]:
 
 
 def test_broken_files_give_one_clean_error(tmp_path):
-    expected = {"missing": "does not exist", "empty": "is empty", "truncated": "could not be read", "corrupt": "could not be read|not a PyTorch",
+    expected = {"missing": "does not exist", "empty": "is empty", "truncated": "could not be read|is damaged", "corrupt": "could not be read|not a PyTorch|is damaged",
                 "truncated-safetensors": "not a readable safetensors", "text": "not a PyTorch checkpoint|could not be read",
                 "png-as-pth": "not a PyTorch checkpoint|could not be read", "bad-onnx": "not a readable ONNX",
                 "other-zip": "could not be read|not a PyTorch"}

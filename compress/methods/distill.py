@@ -45,9 +45,12 @@ DISTILL_BACKENDS = ("torch", "fasterai", *(f"fasterai:{n}" for n in DISTILL_LOSS
 
 @dataclass(frozen=True)
 class KDConfig:
-    teacher: str | None = option(None, "teacher SOURCE (default: the pipeline's original model)")
+    teacher: str | dict | None = option(None, "teacher SOURCE (default: the pipeline's original model); in YAML also "
+                                        "{source, arch, arch_args, input_shape}. Any format runs: torch, TorchScript, ONNX, .pt2")
     teacher_arch: str | None = option(None, "architecture spec of a state-dict teacher")
     teacher_arch_args: dict | None = option(None, "keyword arguments for teacher_arch")
+    teacher_input_shape: tuple[str, ...] = option((), "what the teacher eats, where it differs from the student (default: the "
+                                                  "teacher's own inputs, or the student's when its format does not record them)")
     epochs: int = option(3, "passes over the training split", range=(1, None))
     steps: int | None = option(None, "stop after this many optimizer steps in all (overrides epochs)", range=(1, None))
     batch_size: int = option(64, "samples per step (per process under torchrun)", range=(1, None))
@@ -78,6 +81,15 @@ class KDConfig:
     resume: bool = option(False, "continue an interrupted run from its checkpoint")
     backend: str = option("torch", "soft-target loss: torch, or fasterai's (optional extra): fasterai (SoftTarget), "
                           "fasterai:Logits, fasterai:Mutual, fasterai:DecoupledKD (needs labels)", choices=DISTILL_BACKENDS)
+
+    def __post_init__(self):   # checked when the config is built, so `validate` reports it before anything runs
+        if self.teacher_input_shape:
+            from ..inputs import parse_input_shapes
+
+            try:
+                parse_input_shapes(list(self.teacher_input_shape))
+            except CompressError as exc:
+                raise ValueError(f"teacher_input_shape: {exc.what}") from None
 
 
 # ---------------------------------------------------------------- hooks and the trained module
@@ -223,9 +235,13 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
         raise CompressError(f"data '{bundle.name}' has no training split", "Give data with a training split (e.g. a built-in set)")
     teacher_art = _load_teacher(config, ctx, artifact.input_spec)
     student, rebuild = _make_student(artifact, config, seed)
-    teacher = teacher_art.model
-    if device.type != "cpu":
-        teacher = copy.deepcopy(teacher)
+    if teacher_art.model is not None:
+        teacher = copy.deepcopy(teacher_art.model) if device.type != "cpu" else teacher_art.model
+    else:
+        if config.feature_weight > 0 or config.attention_weight > 0:
+            raise CompressError(f"feature and attention matching read a PyTorch teacher's layers, and this teacher is {teacher_art.format}",
+                                "Set feature_weight=0 and attention_weight=0 (outputs are matched), or give a PyTorch teacher")
+        teacher = _RunnerTeacher(teacher_art, device)
     teacher.eval().to(device)
     student.to(device)
 
@@ -301,7 +317,8 @@ def kd(artifact: Artifact, config: KDConfig, ctx) -> Artifact:
     student = wrapper.student.cpu().eval()
     ctx.metrics.update(result)
     ctx.metrics.update({"alpha": alpha, "output_loss": kind, "world_size": world, "device": device.type,
-                        "params_teacher": _params(teacher_art.model), "params_student": _params(student),
+                        "params_teacher": _params(teacher_art.model) if teacher_art.model is not None else None,
+                        "params_student": _params(student), "teacher_format": teacher_art.format,
                         "train_seconds": round(time.perf_counter() - started, 2)})
     return artifact.evolve(model=student, rebuild=[*artifact.rebuild, *rebuild])
 
@@ -339,25 +356,43 @@ def _distributed(device: torch.device):
 
 
 def _load_teacher(config: KDConfig, ctx, student_specs) -> Artifact:
-    if config.teacher:
-        from ..arch import default_input_spec, parse_arch_args
-        from ..formats import STATE_SUFFIXES
-        from ..sources import ModelSpec, load_model
+    """The teacher artifact: the given SOURCE, of any format compress runs, or the pipeline's original model."""
+    if not config.teacher:
+        return ctx.original
+    from ..arch import default_input_spec
+    from ..formats import STATE_SUFFIXES
+    from ..sources import ModelSpec, load_model
 
-        path = Path(config.teacher)
-        if not config.teacher_arch and path.is_file() and path.suffix.lower() in STATE_SUFFIXES:
-            raise CompressError(f"the teacher {path} is a state dict (weights only), so compress needs its architecture",
-                                "Give -s teacher_arch=SPEC (and teacher_arch_args=JSON), or a run directory as --teacher")
+    given = config.teacher if isinstance(config.teacher, dict) else {"source": config.teacher}
+    unknown = set(given) - {"source", "arch", "arch_args", "input_shape"}
+    if unknown or not given.get("source"):
+        raise CompressError(f"teacher: {'unknown key ' + repr(sorted(unknown)[0]) if unknown else 'needs a source'}",
+                            "Give teacher: {source: PATH, arch: SPEC, arch_args: {...}, input_shape: [1x3x224x224]}")
+    arch = given.get("arch") or config.teacher_arch
+    spec = ModelSpec.parse(given["source"], arch, given.get("arch_args") or config.teacher_arch_args,
+                           given.get("input_shape") or config.teacher_input_shape)
+    path = Path(spec.source)
+    if not arch and path.is_file() and path.suffix.lower() in STATE_SUFFIXES and spec.format == "torch":
+        raise CompressError(f"the teacher {path} is a state dict (weights only), so compress needs its architecture",
+                            "Give -s teacher_arch=SPEC (and teacher_arch_args=JSON), or a run directory as --teacher")
+    if not spec.inputs and (spec.format in ("torchscript", "tensorrt") or (arch and not default_input_spec(arch))):
+        # The teacher's format does not record what it eats (or its custom architecture does not say): the student's inputs.
+        spec = dataclasses.replace(spec, inputs=tuple(student_specs))
+    return load_model(spec)
 
-        # A state-dict teacher of a custom architecture eats what the student eats.
-        inputs = () if not config.teacher_arch or default_input_spec(config.teacher_arch) else tuple(student_specs)
-        teacher = load_model(ModelSpec(str(config.teacher), config.teacher_arch, parse_arch_args(config.teacher_arch_args), inputs))
-    else:
-        teacher = ctx.original
-    if teacher.format != "torch" or teacher.model is None:
-        raise CompressError(f"the teacher is a {teacher.format} model, but distillation runs it in PyTorch",
-                            "Give the teacher as a PyTorch model (a state dict with teacher_arch, a run directory or zoo:NAME)")
-    return teacher
+
+class _RunnerTeacher(nn.Module):
+    """A teacher in another format (TorchScript, ONNX, .pt2) as a module: its runner's first output, on ``device``."""
+
+    def __init__(self, artifact: Artifact, device: torch.device):
+        super().__init__()
+        from ..runners import load_runner
+
+        self.runner = load_runner(artifact, "cuda" if device.type == "cuda" and artifact.format != "onnx" else "cpu")
+        self.device = device
+
+    def forward(self, *inputs):
+        return self.runner(*inputs)[0].to(self.device)
 
 
 def _make_student(artifact: Artifact, config: KDConfig, seed: int) -> tuple[nn.Module, list[dict]]:
@@ -534,6 +569,10 @@ def _checkpoint_path(config: KDConfig, ctx, setup: _Setup, seed: int, teacher: n
     settings = {k: v for k, v in asdict(config).items() if k != "resume"}
     h.update(json.dumps({"config": settings, "data": ctx.data_spec, "seed": seed, "world": setup.world,
                          "device": setup.device.type}, sort_keys=True, default=str).encode())
+    if isinstance(teacher, _RunnerTeacher) and teacher.runner.artifact.path is not None:
+        from ..manifest import sha256
+
+        h.update(sha256(Path(teacher.runner.artifact.path)).encode())
     for model in (teacher, wrapper):
         for k, v in model.state_dict().items():
             h.update(k.encode())

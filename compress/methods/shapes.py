@@ -11,7 +11,7 @@ from torch import nn
 
 ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape",
          "embedding_dim", "num_attention_heads", "attention_head_size", "all_head_size", "hidden_size", "num_heads",
-         "head_dim", "embed_dim", "intermediate_size")
+         "head_dim", "embed_dim", "intermediate_size", "n_heads", "split_size", "nf")
 
 
 def record(model: nn.Module) -> dict:

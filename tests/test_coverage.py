@@ -1,0 +1,81 @@
+"""Model families a user brings, a fast subset of benchmarks/coverage.py: every transformer family prunes its heads and
+feed-forward width through one attention layout, reloads from its spec and exports verified; a family compress does
+not know is refused in one line."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import sources
+from compress.errors import CompressError
+from compress.pipeline import run
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = ["input_ids=1x16:int64", "attention_mask=1x16:int64"]
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+FAMILIES = {
+    "bert": (lambda: transformers.BertConfig(vocab_size=100, max_position_embeddings=64, **TINY), TEXT),
+    "roberta": (lambda: transformers.RobertaConfig(vocab_size=100, max_position_embeddings=64, **TINY), TEXT),
+    "electra": (lambda: transformers.ElectraConfig(vocab_size=100, embedding_size=32, max_position_embeddings=64, **TINY), TEXT),
+    "deberta-v2": (lambda: transformers.DebertaV2Config(vocab_size=100, max_position_embeddings=64, relative_attention=True,
+                                                        pos_att_type=["p2c", "c2p"], share_att_key=False, **TINY), TEXT),
+    "distilbert": (lambda: transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                         max_position_embeddings=64), TEXT),
+    "gpt2": (lambda: transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64), TEXT),
+    "vit": (lambda: transformers.ViTConfig(image_size=32, patch_size=8, **TINY), ["pixel_values=1x3x32x32"]),
+}
+
+
+def _folder(tmp_path, family: str):
+    make, shapes = FAMILIES[family]
+    torch.manual_seed(0)
+    folder = tmp_path / family
+    transformers.AutoModel.from_config(make()).eval().save_pretrained(folder)
+    return folder, shapes
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heads_and_mlp_pruning_cover_every_transformer_family(tmp_path, family):
+    folder, shapes = _folder(tmp_path, family)
+    res = run({"model": {"source": str(folder), "input_shape": shapes},
+               "stages": [{"prune": {"method": "heads", "amount": 0.5, "mlp_amount": 0.5}}, {"export": {"target": "onnx"}}]},
+              tmp_path / "o")
+    pruned, onnx = res.artifacts[1][1], res.final
+    m = pruned.stages[-1]["metrics"]
+    assert m["heads_per_layer"] == [2, 2] and m["mlp_width_per_layer"] == [32, 32] and m["params_ratio"] < 0.9, m
+    assert family.split("-")[0] in m["layout"] or family in ("roberta", "electra")
+    assert onnx.format == "onnx" and onnx.stages[-1]["metrics"]["max_abs_diff"] < 1e-3        # verified in onnxruntime
+    reloaded = sources.load(tmp_path / "o" / "stages" / "01-prune-heads").model          # spec + recorded shapes, no pickle
+    x = tuple(s.example(3) for s in pruned.input_spec)
+    with torch.no_grad():
+        assert torch.allclose(reloaded(*x), pruned.model(*x), atol=1e-5)
+
+
+def test_a_family_head_pruning_does_not_know_is_refused_in_one_line(tmp_path):
+    cfg = transformers.AlbertConfig(vocab_size=100, embedding_size=16, max_position_embeddings=64, **TINY)
+    transformers.AlbertModel(cfg).save_pretrained(tmp_path / "albert")     # shared layers in groups: no layout for them
+    with pytest.raises(CompressError, match="head pruning does not know the attention layout of AlbertModel") as info:
+        run({"model": {"source": str(tmp_path / "albert"), "input_shape": TEXT}, "stages": [{"prune": {"method": "heads"}}]}, tmp_path / "o")
+    assert "\n" not in str(info.value) and not (tmp_path / "o").exists()
+
+
+def test_measuring_importance_leaves_the_forward_pass_untouched(tmp_path):
+    """The scoring hooks only read: the last block's feed-forward scores equal ones computed from a plain forward pass
+    (a pre-hook that returned its running sum once replaced the layer's input from the second block on)."""
+    from compress.methods import attention as att
+    from compress.methods.heads import activation_scores
+
+    folder, shapes = _folder(tmp_path, "bert")
+    model = sources.load(folder, input_shape=shapes).model
+    blocks = att.blocks(model)
+    x = (torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long))
+    _, mlp = activation_scores(model, blocks, [x])
+    seen = {}
+    down = att.mlp_pair(blocks[-1])[1]
+    handle = down.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    with torch.no_grad():
+        model(*x)
+    handle.remove()
+    expected = seen["x"].abs().mean(dim=(0, 1)) * att.out_weight(down).norm(dim=0)
+    assert torch.allclose(mlp[-1], expected, atol=1e-5)
