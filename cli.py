@@ -32,6 +32,7 @@ class Flags:
     debug: bool = False
     force: bool = False
     quiet: bool = False
+    max_memory: str | None = None
 
 
 def _flags() -> Flags:
@@ -46,7 +47,15 @@ def _flag(name: str, help: str):
     return click.option(f"--{name}", is_flag=True, expose_value=False, is_eager=True, callback=callback, help=help)
 
 
+def _max_memory(ctx, param, value):
+    if value:
+        ctx.ensure_object(Flags).max_memory = value
+    return value
+
+
 def global_flags(fn):
+    fn = click.option("--max-memory", expose_value=False, is_eager=True, callback=_max_memory, metavar="SIZE",
+                      help="Stop a run whose memory grows past SIZE (12G, 800M, or 0.5 of this machine; default 0.8).")(fn)
     fn = _flag("quiet", "Print only results and errors.")(fn)
     fn = _flag("force", "Allow replacing an existing OUT.")(fn)
     fn = _flag("debug", "Show tracebacks for errors.")(fn)
@@ -171,10 +180,12 @@ def _sets(pairs) -> dict:
 def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str, resume: bool = False):
     from compress.pipeline import run
 
+    flags = _flags()
     doc = {"model": model, "stages": [{stage: {k: v for k, v in options.items() if v is not None}}]}
     if data:
         doc["data"] = data
-    flags = _flags()
+    if flags.max_memory:
+        doc["max_memory"] = flags.max_memory
     result = run(doc, out, force=flags.force, resume=resume, progress=RichProgress(flags.quiet), where=f"compress {stage}")
     if not flags.quiet:
         metrics = result.final.stages[-1].get("metrics", {}) if result.final.stages else {}
@@ -410,6 +421,8 @@ def run(pipeline, out, sets, resume):
 
     flags = _flags()
     doc = apply_sets(read_pipeline(pipeline), sets)
+    if flags.max_memory:
+        doc["max_memory"] = flags.max_memory
     out = out or str(Path("runs") / Path(pipeline).stem)
     result = run_pipeline(doc, out, force=flags.force, resume=resume, progress=RichProgress(flags.quiet), where=str(pipeline))
     if result.report is not None and not flags.quiet:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .artifact import Artifact, load_run_dir, save
 from .errors import CompressError, StagesKept
+from .guard import memory_limit
 from .manifest import MANIFEST, Manifest
 from .plan import Plan, StagePlan, check
 from .progress import SILENT, Progress
@@ -88,7 +89,7 @@ def _run(plan: Plan, out: Path, *, force: bool, resume: bool, progress: Progress
         raise CompressError("the pipeline has no stages and no bench section, so there is nothing to do", "Add stages or a bench section")
     _check_gpu(plan)
     check_destination(out, force or resume, plan.protected)   # before the (possibly slow) load: fail fast
-    with exclusive(out):
+    with exclusive(out), memory_limit(plan.max_memory):
         if source is None:
             with progress.stage(f"loading {plan.model.source}"):
                 source = sources.load_model(plan.model)

@@ -20,7 +20,7 @@ from .errors import CompressError, install_hint
 from .registry import STAGES
 from .sources import ModelSpec
 
-TOP_KEYS = ("model", "data", "stages", "bench", "seed", "device")
+TOP_KEYS = ("model", "data", "stages", "bench", "seed", "device", "max_memory")
 MODEL_KEYS = ("source", "arch", "arch_args", "input_shape", "example_input", "static_shapes", "trust_pickle", "verify", "allow_nonfinite")
 
 
@@ -64,6 +64,7 @@ class Plan:
     bench: Any = None                      # compress.measure.BenchSettings, or None: no bench
     seed: int = 0
     device: str = "cpu"
+    max_memory: int | None = None          # bytes of resident memory the run may use (None: 80% of the machine)
 
     @property
     def protected(self) -> tuple[Path, ...]:
@@ -195,9 +196,17 @@ def check(doc: dict, where: str = "pipeline", source_format: str | None = None) 
     device = doc.get("device", "cpu")
     if device not in ("cpu", "cuda"):
         problems.append(f"device: '{device}' is not cpu or cuda")
+    max_memory = None
+    if doc.get("max_memory") is not None:
+        from .guard import parse_size
+
+        try:
+            max_memory = parse_size(doc["max_memory"])
+        except CompressError as exc:
+            problems.append(f"max_memory: {exc.what}")
     if problems:
         raise ValidationError(problems, where, missing)
-    return Plan(model, data, tuple(stages), bench, seed, device)
+    return Plan(model, data, tuple(stages), bench, seed, device, max_memory)
 
 
 def _check_model(model, problems: list[str]) -> ModelSpec | None:

@@ -80,3 +80,17 @@ def split_sets():
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def tiny_vit(num_classes: int = 10):
+    """torchvision's VisionTransformer at 32x32 (two layers of width 32): nn.MultiheadAttention inside."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+
+
+def tiny_swin(num_classes: int = 10):
+    """torchvision's SwinTransformer at 32x32: its shifted-window attention reads qkv.weight itself."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=num_classes)

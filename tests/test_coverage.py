@@ -3,6 +3,9 @@ feed-forward width through one attention layout, reloads from its spec and expor
 not know is refused in one line."""
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
 
@@ -79,3 +82,76 @@ def test_measuring_importance_leaves_the_forward_pass_untouched(tmp_path):
     handle.remove()
     expected = seen["x"].abs().mean(dim=(0, 1)) * att.out_weight(down).norm(dim=0)
     assert torch.allclose(mlp[-1], expected, atol=1e-5)
+
+
+# ---------------------------------------------------------------- vision transformers, and what structured pruning refuses
+VISION = {   # name -> (--arch, --arch-args, input shape, heads prunable)
+    "timm-vit": ("timm:test_vit", {}, "1x3x160x160", True),
+    "timm-swin": ("timm:swin_tiny_patch4_window7_224", {"embed_dim": 16, "depths": [1, 1], "num_heads": [2, 4], "img_size": 56,
+                                                         "window_size": 7, "num_classes": 10}, "1x3x56x56", True),
+    "torchvision-vit": ("tests.models:tiny_vit", {}, "1x3x32x32", False),
+    "torchvision-swin": ("tests.models:tiny_swin", {}, "1x3x32x32", False),
+}
+
+
+def _vision_source(tmp_path, name):
+    from compress.arch import build
+
+    arch, args, shape, heads = VISION[name]
+    torch.manual_seed(0)
+    torch.save(build(arch, args).state_dict(), tmp_path / f"{name}.pt")
+    return ["--arch", arch, "--arch-args", json.dumps(args), "--input-shape", shape], heads
+
+
+@pytest.mark.parametrize("name", VISION)
+def test_vision_transformers_prune_heads_and_mlp_width_reload_and_export(cli, tmp_path, name):
+    src, heads = _vision_source(tmp_path, name)
+    amount = "0.5" if heads else "0"
+    r = cli("--quiet", "prune", tmp_path / f"{name}.pt", *src, "--method", "heads", "-s", f"amount={amount}", "-s", "mlp_amount=0.5",
+            "-o", tmp_path / "p")
+    assert r.rc == 0, r.err
+    m = json.loads((tmp_path / "p" / "manifest.json").read_text())["stages"][-1]["metrics"]
+    assert m["params_ratio"] < 0.95 and (bool(m.get("heads_per_layer")) == heads), m
+    assert cli("--quiet", "export", tmp_path / "p", "--target", "onnx", "-o", tmp_path / "o").rc == 0    # verified in onnxruntime
+    if not heads:    # their attention fixes the head size to the model's width: removing heads is refused, in one line
+        r = cli("prune", tmp_path / f"{name}.pt", *src, "--method", "heads", "-s", "amount=0.5", "-o", tmp_path / "h")
+        assert r.rc == 1 and len(r.err_lines) == 1 and "cannot be removed alone" in r.err and "mlp_amount" in r.err
+
+
+@pytest.mark.parametrize("name", ["torchvision-vit", "shufflenet"])
+def test_structured_pruning_refuses_what_it_cannot_follow_at_once(cli, tmp_path, name):
+    if name == "shufflenet":
+        import torchvision
+
+        torch.save(torchvision.models.shufflenet_v2_x0_5(weights=None).state_dict(), tmp_path / "s.pt")
+        src, path, why = ["--arch", "torchvision:shufflenet_v2_x0_5"], tmp_path / "s.pt", "channel shuffle"
+    else:
+        src, _ = _vision_source(tmp_path, name)
+        path, why = tmp_path / f"{name}.pt", "Use --method heads"
+    started = time.monotonic()
+    r = cli("prune", path, *src, "--method", "structured", "--amount", "0.5", "-o", tmp_path / "o")
+    assert r.rc == 1 and len(r.err_lines) == 1 and why in r.err and not (tmp_path / "o").exists(), r.err
+    assert time.monotonic() - started < 30
+
+
+def test_dynamic_int8_keeps_layers_whose_weights_the_parent_reads_in_float(cli, tmp_path):
+    """torchvision's Swin calls F.linear(x, self.qkv.weight): those layers stay float, the rest is int8, and it reloads."""
+    src, _ = _vision_source(tmp_path, "torchvision-swin")
+    r = cli("--quiet", "quantize", tmp_path / "torchvision-swin.pt", *src, "--method", "dynamic", "-o", tmp_path / "q")
+    assert r.rc == 0, r.err
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())["stages"][-1]["metrics"]
+    direct = m["kept_float_read_directly"]
+    assert direct and all(n.endswith(("attn.qkv", "attn.proj")) for n in direct) and m["quantized_layers"] > 0
+    assert m["cosine"] > 0.99
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(sources.load(tmp_path / "q").model(x), sources.load(tmp_path / "q" / "stages" / "01-quantize-dynamic").model(x))
+
+
+def test_a_run_past_its_memory_limit_stops_with_one_line_and_writes_nothing(cli, tmp_path, tiny_state):
+    tiny = ["--arch", "tests.models:TinyCNN", "--arch-args", '{"num_classes": 5}', "--input-shape", "1x3x32x32"]
+    r = cli("--max-memory", "50M", "prune", tiny_state[0], *tiny, "--method", "magnitude", "-o", tmp_path / "o")
+    assert r.rc == 1 and len(r.err_lines) == 1 and "more than the limit of 0.0 GiB" in r.err and "--max-memory" in r.err, r.err
+    assert not (tmp_path / "o").exists()
+    r = cli("--max-memory", "lots", "prune", tiny_state[0], *tiny, "--method", "magnitude", "-o", tmp_path / "o")
+    assert r.rc == 1 and "max_memory: max_memory 'lots' is not a size" in r.err

@@ -19,16 +19,18 @@ from ..errors import CompressError
 @dataclass(frozen=True)
 class Layout:
     family: str
-    blocks: tuple[str, ...]            # paths (from the base model) tried for the list of blocks
+    blocks: tuple[str, ...]            # paths (from the base model) to the blocks, "*" for every item of a list
     attention: str                     # the module holding the head count (from a block)
-    heads: str                         # its attribute: the number of heads
+    heads: str | None                  # its attribute: the number of heads (None: heads cannot be removed in this family)
     q: str | None = None               # separate projections (from a block); their output units are heads × head_dim
     k: str | None = None
     v: str | None = None
     qkv: str | None = None             # or one fused projection [q | k | v] (GPT-2's c_attn)
     out: str = ""                      # output projection: its input units are heads × head_dim
     more: tuple[str, ...] = ()         # other per-head projections, pruned like q (DeBERTa's relative-position ones)
+    tables: tuple[str, ...] = ()       # parameters with one column per head (Swin's relative position bias)
     sizes: tuple[str, ...] = ()        # attributes of the attention module equal to heads × head_dim
+    why_not: str = ""                  # with heads None: why, and what to do
     mlp_in: str = ""
     mlp_out: str = ""
 
@@ -47,6 +49,14 @@ LAYOUTS = (
            mlp_in="mlp.c_fc", mlp_out="mlp.c_proj"),
     Layout("vit (transformers)", ("layers", "encoder.layer"), "attention", "num_attention_heads", q="attention.q_proj",
            k="attention.k_proj", v="attention.v_proj", out="attention.o_proj", mlp_in="mlp.fc1", mlp_out="mlp.fc2"),
+    Layout("swin (timm)", ("layers.*.blocks",), "attn", "num_heads", qkv="attn.qkv", out="attn.proj",
+           tables=("attn.relative_position_bias_table",), mlp_in="mlp.fc1", mlp_out="mlp.fc2"),
+    Layout("vit, deit, mobilevit (timm)", ("blocks", "stages.*.*.transformer"), "attn", "num_heads", qkv="attn.qkv", out="attn.proj",
+           sizes=("attn_dim",), mlp_in="mlp.fc1", mlp_out="mlp.fc2"),
+    Layout("vit (torchvision)", ("encoder.layers",), "self_attention", None, out="self_attention.out_proj", mlp_in="mlp.0", mlp_out="mlp.3",
+           why_not="torchvision's ViT attends with nn.MultiheadAttention, whose width is the model's: its heads cannot be removed alone"),
+    Layout("swin (torchvision)", ("features.*",), "attn", None, out="attn.proj", mlp_in="mlp.0", mlp_out="mlp.3",
+           why_not="torchvision's shifted-window attention derives the head size from the model's width: its heads cannot be removed alone"),
 )
 
 
@@ -72,6 +82,8 @@ class Block:
 
     @property
     def heads(self) -> int:
+        if self.layout.heads is None:
+            raise CompressError(f"{self.layout.why_not}", "Prune its feed-forward width alone: -s amount=0 -s mlp_amount=0.5")
         return int(getattr(self.attention, self.layout.heads))
 
     @property
@@ -90,23 +102,32 @@ class Block:
         return [(m, 0) for m in found if m is not None]
 
 
+def _expand(root: nn.Module, path: str) -> list[nn.Module]:
+    """The modules a path names; ``*`` stands for every child, and the last list's items are the result."""
+    found = [root]
+    for part in path.split(".") + ["*"]:
+        found = [c for m in found for c in (m.children() if part == "*" else [getattr(m, part, None)]) if isinstance(c, nn.Module)]
+    return found
+
+
+def _fits(lay: Layout, block: nn.Module) -> bool:
+    needed = [lay.attention, lay.out, lay.mlp_in, lay.mlp_out, *(p for p in (lay.q, lay.k, lay.v, lay.qkv) if p)]
+    return all(_get(block, p) is not None for p in needed) and (lay.heads is None or hasattr(_get(block, lay.attention), lay.heads))
+
+
 def blocks(model: nn.Module) -> list[Block]:
     """The model's transformer blocks, with the layout that fits them; one clear error for a family not known here."""
     inner = getattr(model, "model", model)               # compress's HFModel wraps the transformers model
     base = getattr(inner, "base_model", inner)
     for lay in LAYOUTS:
         for path in lay.blocks:
-            found = _get(base, path)
-            if not isinstance(found, nn.ModuleList) or not len(found):
-                continue
-            first = found[0]
-            needed = [lay.attention, lay.out, lay.mlp_in, lay.mlp_out, *(p for p in (lay.q, lay.k, lay.v, lay.qkv) if p)]
-            if all(_get(first, p) is not None for p in needed) and hasattr(_get(first, lay.attention), lay.heads):
+            found = [b for b in _expand(base, path) if _fits(lay, b)]
+            if found:
                 return [Block(lay, b) for b in found]
     kind = type(base).__name__
     raise CompressError(f"head pruning does not know the attention layout of {kind}: it looked for "
                         + "; ".join(f"{lay.family}: {lay.blocks[0]}[i].{lay.attention}" for lay in LAYOUTS),
-                        "Use --method structured (channels), or a BERT-like, DistilBERT, DeBERTa-v2, GPT-2 or ViT model")
+                        "Use --method structured (channels), or a BERT-like, DistilBERT, DeBERTa-v2, GPT-2, ViT or Swin model")
 
 
 # ---------------------------------------------------------------- Linear or Conv1D, sliced by units
@@ -188,6 +209,10 @@ def prune_heads(block: Block, n_remove: int, score: torch.Tensor) -> int:
         for m, _ in block.projections():
             keep_out(m, idx)
     keep_in(block.get(lay.out), idx)
+    for path in lay.tables:
+        owner, _, name = path.rpartition(".")
+        table = getattr(block.get(owner), name)
+        setattr(block.get(owner), name, nn.Parameter(table.data[..., torch.tensor(keep)].clone()))
     att = block.attention
     setattr(att, lay.heads, len(keep))
     for attr in lay.sizes:

@@ -87,6 +87,25 @@ def rebuild_dynamic(model: nn.Module, step: dict) -> nn.Module:
     return quantize_dynamic(model, step["layers"], step["per_channel"], step["dtype"], step.get("exclude", ()), step.get("reduce_range", True))
 
 
+def read_directly(model: nn.Module, names: list[str]) -> list[str]:
+    """Layers whose parent's forward reads their ``.weight`` or ``.bias`` itself instead of calling them: quantized, they
+    would break it (a quantized module's weight is a method), so they stay in float."""
+    import inspect
+    import re
+
+    out = []
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        try:
+            source = inspect.getsource(type(parent).forward)
+        except (OSError, TypeError):
+            continue
+        if re.search(rf"self\.{re.escape(child)}\.(weight|bias)\b", source):
+            out.append(name)
+    return out
+
+
 def torch_dynamic(artifact: Artifact, config, ctx, reduce: bool) -> Artifact:
     """Dynamic int8 of a torch model (``config``: the dynamic method's); ``reduce``: 7-bit activations."""
     if artifact.format != "torch":
@@ -99,11 +118,20 @@ def torch_dynamic(artifact: Artifact, config, ctx, reduce: bool) -> Artifact:
     kept = match_layers(names, config.exclude)
     if len(kept) == len(names):
         raise CompressError(f"exclude keeps all {len(names)} quantizable layers in float, so nothing would be quantized", "Exclude fewer layers")
-
+    direct = [n for n in read_directly(model, names) if n not in kept]
+    if direct:           # Swin's attention calls F.linear(x, self.qkv.weight): a quantized module's weight is a method
+        kept = [*kept, *direct]
+        ctx.metrics["kept_float_read_directly"] = direct
 
     def make(exclude):
         return quantize_dynamic(copy.deepcopy(model), tuple(config.layers), config.per_channel, config.dtype, tuple(exclude), reduce)
     q = make(kept)
+    try:
+        with torch.no_grad():
+            q(*(s.example(1) for s in artifact.input_spec))
+    except Exception as exc:  # noqa: BLE001 - whatever a model does with a module it did not expect to be quantized
+        raise CompressError(f"the dynamic int8 model no longer runs ({first_line(exc, 160)})",
+                            "Keep the layer in float with -s exclude=NAME, or use --backend onnxruntime") from None
     if config.min_cosine is not None:
         q, kept = _fidelity_floor(artifact, q, names, kept, config.min_cosine, ctx)
     ctx.metrics["quantized_layers"] = sum(1 for m in q.modules() if isinstance(m, (qd.Linear, qd.LSTM, qd.GRU)))

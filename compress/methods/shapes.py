@@ -11,7 +11,7 @@ from torch import nn
 
 ATTRS = ("in_channels", "out_channels", "groups", "in_features", "out_features", "num_features", "normalized_shape",
          "embedding_dim", "num_attention_heads", "attention_head_size", "all_head_size", "hidden_size", "num_heads",
-         "head_dim", "embed_dim", "intermediate_size", "n_heads", "split_size", "nf")
+         "head_dim", "embed_dim", "intermediate_size", "n_heads", "split_size", "nf", "attn_dim", "hidden_dim")
 
 
 def record(model: nn.Module) -> dict:
@@ -36,7 +36,7 @@ def apply(model: nn.Module, step: dict) -> nn.Module:
         if m is None:
             continue
         for a, v in values.items():
-            if hasattr(m, a):
+            if hasattr(m, a) and not isinstance(getattr(type(m), a, None), property):   # a derived property follows the rest
                 setattr(m, a, tuple(v) if isinstance(v, list) else v)
     for key, shape in step.get("shapes", {}).items():
         owner_name, _, leaf = key.rpartition(".")

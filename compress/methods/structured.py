@@ -77,6 +77,8 @@ def structured(artifact, config: StructuredConfig, ctx):
     example = tuple(s.example(1) for s in artifact.input_spec)
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in artifact.model.modules()):
         raise CompressError("the model has no Conv2d or Linear layers to prune structurally", "Use a CNN or MLP, or the magnitude method")
+    _refuse_transformers(artifact.model)
+    _refuse_channel_shuffle(artifact.model)
     macs0, params0 = count(tp, artifact.model, example)
     model = copy.deepcopy(artifact.model).eval()
     pruner = _pruner(tp, model, example, config, artifact, ctx)
@@ -120,6 +122,32 @@ def schedule(kind: str):
     return fn
 
 
+def _refuse_transformers(model: nn.Module) -> None:
+    """Channel pruning through a whole transformer (its residual width, every attention's bookkeeping) is what
+    Torch-Pruning cannot keep consistent for most families — torchvision's Swin grew to all of the machine's memory —
+    so transformers are sent, within a second, to the method made for them."""
+    from . import attention as att
+
+    try:
+        family = att.blocks(model)[0].layout.family
+    except CompressError:
+        family = next((type(m).__name__ for m in model.modules() if isinstance(m, nn.MultiheadAttention)), None)
+    if family:
+        raise CompressError(f"structured pruning removes channels across the whole network, which it cannot keep consistent with "
+                            f"the attention of a transformer ({family})",
+                            "Use --method heads: it removes attention heads and feed-forward width (-s mlp_amount=0.5)")
+
+
+def _refuse_channel_shuffle(model: nn.Module) -> None:
+    """A channel shuffle (ShuffleNet) interleaves the channels of two branches; Torch-Pruning 1.6 fails on its 5-D view
+    and on the chunk and concatenation around it (and keeping the shuffled layers whole leaves nothing to prune)."""
+    if any(hasattr(m, "branch2") and "shufflenet" in type(m).__module__ for m in model.modules()) or \
+            any(isinstance(m, nn.ChannelShuffle) for m in model.modules()):
+        raise CompressError("structured pruning cannot follow a channel shuffle (ShuffleNet's blocks interleave the channels of "
+                            "their two branches)", "Distill it into a narrower ShuffleNet instead (a torchvision:shufflenet_v2_x0_5 "
+                            "student with compress distill), or use --method magnitude")
+
+
 def _pruner(tp, model, example, config: StructuredConfig, artifact, ctx):
     keep = set(head_layers(model, example))
     ignored_names = {n for n, m in model.named_modules() if m in keep}
@@ -132,8 +160,9 @@ def _pruner(tp, model, example, config: StructuredConfig, artifact, ctx):
     try:
         return tp.pruner.MetaPruner(model, example, importance=_importance(tp, config.importance),
                                     global_pruning=config.scope == "global", pruning_ratio=config.amount,
-                                    max_pruning_ratio=config.max_layer_amount, ignored_layers=ignored, round_to=config.round_to,
-                                    iterative_steps=config.steps, iterative_pruning_ratio_scheduler=schedule(config.schedule))
+                                    max_pruning_ratio=config.max_layer_amount, ignored_layers=ignored,
+                                    round_to=config.round_to, iterative_steps=config.steps,
+                                    iterative_pruning_ratio_scheduler=schedule(config.schedule))
     except Exception as exc:  # noqa: BLE001
         raise CompressError(f"Torch-Pruning could not trace this model ({type(exc).__name__}: {first_line(exc, 160)})",
                             "Add the offending layers to --set ignore=..., or use --method magnitude") from None
