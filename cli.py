@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from compress.errors import CompressError, StagesKept
 from compress.progress import Progress, Task
@@ -177,7 +176,7 @@ def _sets(pairs) -> dict:
     return out
 
 
-def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str, resume: bool = False):
+def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str, resume: bool = False, show: bool = True):
     from compress.pipeline import run
 
     flags = _flags()
@@ -187,49 +186,24 @@ def _run_one(stage: str, model: dict, options: dict, data: str | None, out: str,
     if flags.max_memory:
         doc["max_memory"] = flags.max_memory
     result = run(doc, out, force=flags.force, resume=resume, progress=RichProgress(flags.quiet), where=f"compress {stage}")
-    if not flags.quiet:
+    if show and not flags.quiet:
         metrics = result.final.stages[-1].get("metrics", {}) if result.final.stages else {}
         _print_metrics(stage, metrics)
         console().print(escape(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name})"))
     return result
 
 
-def _table(title: str, columns, rows, right=(), **kw) -> Table:
-    """A rich table of plain-text cells (escaped); ``right``: the columns aligned right."""
-    t = Table(title=title, **kw)
-    for c in columns:
-        t.add_column(c, justify="right" if c in right else "left")
-    for r in rows:
-        t.add_row(*(escape(str(c)) for c in r))
-    return t
-
-
 def _print_metrics(stage: str, metrics: dict) -> None:
-    if metrics.get("sweep"):
-        keys = [k for k in ("amount", "params", "macs", "sparsity", "p50_ms", "accuracy", "cosine", "top1_agreement")
-                if any(r.get(k) is not None for r in metrics["sweep"])]
-        cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v  # noqa: E731
-        out_console().print(_table("pruning sensitivity sweep", keys, [[cell(r.get(k)) for k in keys] for r in metrics["sweep"]], right=keys))
-    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
-    if rows:
-        out_console().print(_table(f"{stage} metrics", ("metric", "value"), rows, right=("value",)))
+    from compress.report import metrics_tables
+
+    for t in metrics_tables(stage, metrics):
+        out_console().print(t)
 
 
 def _print_bench(report) -> None:
-    from compress.diagnosis import NOT_FASTER
-    from compress.report import HEADERS, LEFT, footer, table_rows
+    from compress.report import rich_table
 
-    t = Table(title="compress bench", caption=footer(report), show_lines=False)
-    for h in HEADERS:
-        t.add_column(h, justify="left" if h in LEFT else "right")
-    for r, cells in zip(report.rows, table_rows(report)):
-        s = r.get("speedup_vs_source")
-        cells = [escape(c) for c in cells]
-        if s is not None and not r["baseline"]:
-            color = "red" if s < 1 / NOT_FASTER else "yellow" if s < NOT_FASTER else "green"
-            cells[11] = f"[{color}]{cells[11]}[/{color}]"
-        t.add_row(*cells)
-    out_console().print(t)
+    out_console().print(rich_table(report))
     for w in report.warnings:
         console().print(f"[yellow]warning:[/yellow] {escape(w)}", soft_wrap=True)
     for line in report.recommendations:
@@ -358,6 +332,53 @@ def export(source, target, opset, sets, data, out, **model):
 
 @cli.command(context_settings=CONTEXT, epilog="""\b
 Examples:
+  compress optimize zoo:fmnist-resnet --data fashion-mnist -o runs/opt
+  compress optimize zoo:mobilenet_v2 --data photos --min-fidelity 0.95 --no-training -o runs/opt-mnv2
+  compress optimize zoo:minilm-l6 --data rotten-tomatoes --max-accuracy-drop 1 --time-budget 1h -o runs/opt-text
+Exit codes: 0 the budget was met, 3 it was not (the closest candidate is still written), 1 an error.
+""")
+@click.argument("source")
+@model_options
+@DATA_OPTION
+@click.option("--max-accuracy-drop", type=float, help="Accuracy points the result may lose on labelled --data [default: 1.0].")
+@click.option("--min-fidelity", type=float, help="Without labels: top-1 agreement (or cosine) with SOURCE to keep [default: 0.95].")
+@click.option("--device", help="The device the artifact will run on: cpu or cuda [default: cpu].")
+@click.option("--batch-size", type=int, help="The batch size it will serve [default: 1].")
+@click.option("--threads", type=int, help="Threads per copy of it [default: 1].")
+@click.option("--objective", help="What to minimise within the budget: latency, throughput or size [default: latency].")
+@click.option("--time-budget", help="Wall time for the whole search, e.g. 90s, 20m, 1h [default: 20m].")
+@click.option("--no-training", is_flag=True, help="Only recipes that do not train (exports, post-training quantization).")
+@click.option("--teacher", help="Teacher SOURCE for the training recipes [default: SOURCE].")
+@SET_OPTION
+@OUT_OPTION
+@click.option("--resume", is_flag=True, help="Reuse finished candidates and stages (a rerun reuses finished candidates anyway).")
+@global_flags
+def optimize(source, data, max_accuracy_drop, min_fidelity, device, batch_size, threads, objective, time_budget, no_training, teacher,
+             sets, out, resume, **model):
+    """Measure the recipes that fit SOURCE and keep the fastest artifact within the accuracy budget, on this device.
+
+    OUT holds the pick as a run directory, search.json (every candidate), report.html (the Pareto plot) and recipe.yaml.
+    """
+    opts = {"max_accuracy_drop": max_accuracy_drop, "min_fidelity": min_fidelity, "device": device, "batch_size": batch_size,
+            "threads": threads, "objective": objective, "time_budget": time_budget, "training": False if no_training else None,
+            "teacher": teacher, **_sets(sets)}
+    result = _run_one("optimize", _model_doc(source, **model), opts, data, out, resume, show=False)
+    metrics = result.final.stages[-1].get("metrics", {})
+    if not _flags().quiet:
+        import json
+
+        from compress.report import search_table
+
+        out_console().print(search_table(json.loads((result.out / "search.json").read_text())))
+        console().print(escape(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name}; report.html, recipe.yaml)"))
+    if not metrics.get("met", True):
+        console().print(f"[yellow]budget missed:[/yellow] {escape(metrics.get('miss', ''))}", soft_wrap=True)
+        return 3
+    return 0
+
+
+@cli.command(context_settings=CONTEXT, epilog="""\b
+Examples:
   compress bench zoo:mobilenet_v2 runs/int8 --data photos --batch-size 1,32 --threads 1,2
   compress bench zoo:minilm-l6 runs/minilm-onnx --data rotten-tomatoes     (real sentences, natural length)
   compress bench runs/demo --json bench.json --markdown bench.md --html bench.html
@@ -464,37 +485,10 @@ Examples:
 @global_flags
 def ls_cmd(stage):
     """List stages and their methods, built-in models and data sets, and shipped pipeline configs."""
-    from compress import registry
-    from compress.data import BUILTIN
-    from compress.errors import install_hint
-    from compress.plan import shipped_configs
-    from compress.zoo import ZOO
+    from compress.catalog import tables
 
-    if stage and stage not in registry.STAGES:
-        raise CompressError(f"'{stage}' is not a stage", f"Stages: {', '.join(registry.STAGES)}")
-    con = out_console()
-    rows = []
-    for st in ([stage] if stage else registry.STAGES):
-        ms = registry.methods(st)
-        rows += [] if ms else [(st, "-", "", "", "", "no method could be loaded")]
-        for m in ms:
-            inst = "yes" if not m.missing() else "no: " + "; ".join(install_hint(mod.split(".")[0].replace("_", "-"), e) for mod, e in m.missing())
-            rows.append((st, m.name, ",".join(m.accepts), m.produces if isinstance(m.produces, str) else "depends", inst, m.summary))
-    con.print(_table("methods", ("stage", "method", "takes", "gives", "installed", "summary"), rows))
-    if stage:
-        return
-    con.print(_table("built-in models (SOURCE zoo:NAME)", ("name", "summary"), [(f"zoo:{k}", v["summary"]) for k, v in ZOO.items()]))
-    con.print(_table("built-in data sets (--data NAME)", ("name", "summary", "installed"),
-                     [(k, b.summary, "yes" if not b.missing() else f"no: {b.missing()}") for k, b in BUILTIN.items()]))
-    configs = shipped_configs()
-    if configs:
-        con.print(_table("shipped pipelines (compress run NAME, or a copy of the file)", ("name", "file", "what it does"),
-                         [(name, f"configs/{name}.yaml", _first_comment(text)) for name, text in configs.items()]))
-
-
-def _first_comment(yaml_text: str) -> str:
-    first = next((ln for ln in yaml_text.splitlines() if ln.startswith("#")), "")
-    return first.lstrip("# ").strip()
+    for t in tables(stage):
+        out_console().print(t)
 
 
 def one_line(text: str) -> str:

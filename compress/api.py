@@ -1,4 +1,4 @@
-"""The public Python verbs: ``compress.load``, ``prune``, ``distill``, ``quantize``, ``export``, ``bench`` and ``run``.
+"""The public Python verbs: ``compress.load``, ``prune``, ``distill``, ``quantize``, ``export``, ``optimize``, ``bench`` and ``run``.
 
 Each is a thin layer over the code path the CLI and YAML pipelines use (a one-stage plan through
 :func:`compress.pipeline.run`), so it checks its options the same way and writes the same run directory::
@@ -55,6 +55,14 @@ def export(model, target, *, data: str | None = None, out=None, **options) -> Ar
     if isinstance(target, str):
         options = {"target": target, **options}
     return _stage("export", model, config, data, out, options)
+
+
+def optimize(model, *, data: str, out=None, **options) -> Artifact:
+    """The fastest artifact that keeps the accuracy budget on this device, found by measuring the recipes that fit
+    ``model`` (options as :class:`~compress.search.OptimizeConfig`: max_accuracy_drop, min_fidelity, batch_size,
+    threads, objective, time_budget, training, ...). Its stage metrics say what was picked and whether the budget was
+    met; ``search.json``, ``report.html`` and ``recipe.yaml`` lie beside it."""
+    return _stage("optimize", model, None, data, out, options)
 
 
 def bench(*models, data: str | None = None, **settings):

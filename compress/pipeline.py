@@ -239,7 +239,9 @@ def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, out: _Out, pl
             result = sp.method.fn(current, sp.config, ctx)
     seconds = time.perf_counter() - started
     entry = sp.record() | {"metrics": ctx.metrics, "seconds": round(seconds, 3)}
-    saved = save(result.evolve(stages=[*current.stages, entry], source=current.source), stage_dir)
+    # a stage that ran other stages (optimize) hands back their history; the rest keep their input's
+    prior = result.stages if result.stages[: len(current.stages)] == current.stages else current.stages
+    saved = save(result.evolve(stages=[*prior, entry], source=current.source), stage_dir)
     final_dir = out.commit_stage(stage_dir, sp.label)
     progress.done(f"{sp.stage} {sp.method.name}", seconds)
     return saved.evolve(path=final_dir / Path(saved.path).name)

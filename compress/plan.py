@@ -327,7 +327,7 @@ def _check_sweep(value, method: registry.Method, where: str, problems: list[str]
 
 
 def _default_method(stage: str, fmt: str, available) -> str:
-    defaults = {"prune": "magnitude", "distill": "kd", "quantize": "auto", "export": "onnx"}
+    defaults = {"prune": "magnitude", "distill": "kd", "quantize": "auto", "export": "onnx", "optimize": "search"}
     name = defaults[stage]
     if registry.get(stage, name) is None:
         fitting = [m for m in available if fmt in m.accepts] or available

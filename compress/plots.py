@@ -102,3 +102,31 @@ def _throughput_vs_batch(rows: list[dict]) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _svg(fig)
+
+
+def pareto_svg(candidates: list[dict], metric: str, floor: float, picked: str, source: dict | None = None) -> str:
+    """An optimize search: latency p50 against the budget's metric, one point per measured candidate, the budget's
+    floor drawn as a line, the front of candidates no other beats on both drawn through, the pick ringed."""
+    pts = [(c["p50_ms"], c[metric], c["recipe"]) for c in candidates if c.get("p50_ms") is not None and c.get(metric) is not None]
+    fig, ax = _figure(7.5, 4.5)
+    if source and source.get("p50_ms") is not None and source.get(metric) is not None:
+        ax.scatter(source["p50_ms"], source[metric], marker="s", s=50, color="grey")
+        ax.annotate("input", (source["p50_ms"], source[metric]), textcoords="offset points", xytext=(5, 4), fontsize="small")
+    for x, y, name in pts:
+        ring = name == picked
+        ax.scatter(x, y, s=90 if ring else 40, facecolors="none" if ring else None, edgecolors="red" if ring else None,
+                   linewidths=2 if ring else None)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize="x-small")
+    front, best = [], float("-inf")
+    for x, y, _ in sorted(pts):
+        if y > best:
+            front.append((x, y))
+            best = y
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", alpha=0.4, label="Pareto front")
+    ax.axhline(floor, color="red", linestyle="--", alpha=0.6, label=f"budget: {metric} ≥ {floor:.4g}")
+    ax.set_xlabel("latency p50 (ms)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _svg(fig)

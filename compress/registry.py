@@ -18,9 +18,9 @@ from .errors import CompressError, is_installed
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prune", "distill", "quantize", "export")
+STAGES = ("prune", "distill", "quantize", "export", "optimize")
 # Core modules that register methods and runners when imported (they import optional packages only when a method runs).
-CORE_MODULES = ("compress.runners", "compress.methods.magnitude", "compress.methods.structured", "compress.methods.heads",
+CORE_MODULES = ("compress.runners", "compress.search", "compress.methods.magnitude", "compress.methods.structured", "compress.methods.heads",
                   "compress.methods.quantize", "compress.methods.distill", "compress.methods.fasterai", "compress.methods.qat")
 PLUGIN_GROUP = "compress.plugins"
 # Replayable steps that rebuild a saved torch model before (or after) its weights load: op -> "module:function".

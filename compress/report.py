@@ -135,3 +135,67 @@ def write_reports(report, directory: Path | None, settings) -> list[Path]:
     for path, kind in targets:
         written.append(write_file_atomic(path, render[kind](report)))
     return written
+
+
+# ---------------------------------------------------------------- rich tables (the CLI prints them)
+def table(title: str, columns, rows, right=(), **kw):
+    """A rich table of plain-text cells (escaped); ``right``: the columns aligned right."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = Table(title=title, **kw)
+    for c in columns:
+        t.add_column(c, justify="right" if c in right else "left")
+    for r in rows:
+        t.add_row(*(escape(str(c)) for c in r))
+    return t
+
+
+def metrics_tables(stage: str, metrics: dict) -> list:
+    """A stage's metrics as tables: a sensitivity sweep when there is one, then the scalar metrics."""
+    out = []
+    if metrics.get("sweep"):
+        keys = [k for k in ("amount", "params", "macs", "sparsity", "p50_ms", "accuracy", "cosine", "top1_agreement")
+                if any(r.get(k) is not None for r in metrics["sweep"])]
+        cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else v  # noqa: E731
+        out.append(table("pruning sensitivity sweep", keys, [[cell(r.get(k)) for k in keys] for r in metrics["sweep"]], right=keys))
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    if rows:
+        out.append(table(f"{stage} metrics", ("metric", "value"), rows, right=("value",)))
+    return out
+
+
+def rich_table(report):
+    """The bench table, speedups coloured: red slower than the source, yellow about even, green faster."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .diagnosis import NOT_FASTER
+
+    t = Table(title="compress bench", caption=footer(report), show_lines=False)
+    for h in HEADERS:
+        t.add_column(h, justify="left" if h in LEFT else "right")
+    for r, cells in zip(report.rows, table_rows(report)):
+        s = r.get("speedup_vs_source")
+        cells = [escape(c) for c in cells]
+        if s is not None and not r["baseline"]:
+            color = "red" if s < 1 / NOT_FASTER else "yellow" if s < NOT_FASTER else "green"
+            cells[11] = f"[{color}]{cells[11]}[/{color}]"
+        t.add_row(*cells)
+    return t
+
+
+def search_table(search: dict):
+    """``compress optimize``'s candidates: latency, quality, size, time to make, failure; the pick marked."""
+    metric = search["budget"]["metric"]
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    src = search["source"]
+    rows = [("input", num(src["p50_ms"], ".3f"), "1.00×", num(search["budget"]["source"], ".4f"), format_size(src.get("size_bytes")), "", "")]
+    for c in search["candidates"]:
+        speed = f"{src['p50_ms'] / c['p50_ms']:.2f}×" if c["p50_ms"] else "-"
+        mark = "→ " if c["recipe"] == search["picked"] else ""
+        rows.append((mark + c["recipe"], num(c["p50_ms"], ".3f"), speed, num(c.get(metric), ".4f"), format_size(c["size_bytes"]),
+                     num(c["seconds"], ".0f"), c["error"] or ""))
+    budget = f"budget: {metric} ≥ {search['budget']['floor']:.4g} ({'met' if search['met'] else 'missed'})"
+    return table(f"compress optimize — {budget}", ("recipe", "p50 ms", "speedup", metric, "size", "make s", "failure"), rows,
+                 right=("p50 ms", "speedup", metric, "size", "make s"))

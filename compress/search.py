@@ -1,0 +1,350 @@
+"""``compress optimize``: the fastest artifact that keeps the accuracy budget, on this device, found by measuring.
+
+The recipes come from what the model is — a convolutional net gets ONNX fp32, static int8 (onnxruntime, 7- or 8-bit
+as this CPU needs), torch.export and TorchScript, and with training allowed structured pruning recovered by
+distillation; a transformer gets fused ONNX, dynamic int8 (int4 embedding tables too) and shallower distilled
+students. Each candidate is a small pipeline run as its own ``compress run`` process under a time limit and the
+memory guard, so a crash, a hang or an out-of-memory is that candidate's failure and the search goes on; finished
+candidates are cached by their input and recipe, so a rerun after Ctrl-C or a kill continues where it stopped. Every
+finished candidate's final artifact is then timed interleaved with the others on this device, in the deployment
+asked for, and scored on held-out data (never the calibration or training samples). The pick is the best on the
+objective among those within the budget; when none is, the closest is kept and the miss explained.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .artifact import Artifact, load_run_dir, save
+from .config import option
+from .errors import CompressError
+from .manifest import Manifest
+from .registry import register
+
+log = logging.getLogger(__name__)
+OBJECTIVES = ("latency", "throughput", "size")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    max_accuracy_drop: float | None = option(None, "accuracy points the result may lose on labelled data (default 1.0)", range=(0.0, 100.0))
+    min_fidelity: float | None = option(None, "without labels: top-1 agreement (or cosine) with the input to keep (default 0.95)",
+                                        range=(0.0, 1.0))
+    device: str = option("cpu", "the device the artifact will run on", choices=("cpu", "cuda"))
+    batch_size: int = option(1, "the batch size it will serve", range=(1, 4096))
+    threads: int = option(1, "the threads each copy of it will have", range=(1, 256))
+    objective: str = option("latency", "what to minimise within the budget: p50 latency, 1/throughput, or size", choices=OBJECTIVES)
+    time_budget: str = option("20m", "wall time for the whole search, e.g. 90s, 20m, 1h")
+    training: bool = option(True, "also try recipes that train (pruning recovered by distillation, shallower students)")
+    teacher: str | None = option(None, "teacher SOURCE for the training recipes (default: the input model)")
+    candidate_timeout: str = option("15m", "the most one candidate may take before it counts as hung")
+    eval_limit: int = option(1000, "held-out samples each candidate is scored on", range=(16, 1_000_000))
+    timing_budget_s: float = option(1.0, "timed seconds per candidate in the final interleaved measurement", range=(0.05, 60.0))
+
+    def __post_init__(self):
+        for name in ("time_budget", "candidate_timeout"):
+            seconds(getattr(self, name))        # checked when the config is built: validate reports it
+
+
+def seconds(text) -> float:
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*", str(text).lower())
+    if not m:
+        raise ValueError(f"'{text}' is not a duration (e.g. 90s, 20m, 1h)")
+    return float(m[1]) * {"s": 1, None: 1, "m": 60, "h": 3600}[m[2]]
+
+
+@dataclass
+class Candidate:
+    name: str
+    stages: list[dict]                       # pipeline items: [{"quantize": {"method": "static", ...}}, ...]
+    training: bool = False
+    seconds: float | None = None
+    error: str | None = None
+    path: Path | None = None                 # its finished run directory
+    row: dict = field(default_factory=dict)  # its measured bench row
+
+    def record(self) -> dict:
+        r = self.row
+        m = r.get("metrics", {})
+        return {"recipe": self.name, "stages": self.stages, "p50_ms": r.get("p50_ms"), "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"),
+                "throughput_per_s": r.get("throughput_per_s"), "size_bytes": r.get("size_bytes"), "accuracy": m.get("accuracy"),
+                "fidelity": _fidelity(m), "seconds": self.seconds, "error": self.error}
+
+
+def _fidelity(m: dict) -> float | None:
+    return m.get("top1_agreement_vs_source", m.get("cosine_vs_source"))
+
+
+# ---------------------------------------------------------------- the recipes
+def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: str) -> list[Candidate]:
+    """What to try for this model: cheap candidates first (exports, post-training quantization), then training ones."""
+    from .methods.quantize import layer_mix
+    from .onnx_export import bert_type
+
+    text = bool((artifact.arch or {}).get("spec", "").startswith("hf:")) and artifact.input_spec[0].dtype.startswith("int")
+    cands: list[Candidate] = []
+    if artifact.format == "onnx":
+        return [Candidate("onnx int8 static", [{"quantize": {"method": "static"}}]),
+                Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}])]
+    conv = not text and layer_mix(artifact)["conv_share"] >= 0.5
+    if text:
+        fused = {"optimize": True} if bert_type(artifact) else {}
+        cands += [Candidate("onnx fp32" + (" (fused)" if fused else ""), [{"export": {"target": "onnx", **fused}}]),
+                  Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]),
+                  Candidate("onnx int8 dynamic, int4 embeddings",
+                            [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}}]),
+                  Candidate("torch int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "torch"}}])]
+    else:
+        cands += [Candidate("onnx fp32", [{"export": {"target": "onnx"}}]),
+                  Candidate("pt2 (torch.export)", [{"export": {"target": "pt2"}}]),
+                  Candidate("torchscript", [{"export": {"target": "torchscript"}}])]
+        if conv:
+            cands += [Candidate("onnx int8 static", [{"quantize": {"method": "static", "backend": "onnxruntime"}}]),
+                      Candidate("onnx int8 static, entropy calibration",
+                                [{"quantize": {"method": "static", "backend": "onnxruntime", "calibration": "entropy"}}])]
+        else:
+            cands += [Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]),
+                      Candidate("torch int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "torch"}}])]
+    if config.training and labelled and artifact.format == "torch":
+        teacher = {"teacher": config.teacher} if config.teacher else {}
+        if text:
+            layers = _encoder_layers(artifact)
+            for keep in sorted({max(1, layers // 2), max(1, layers // 3)}, reverse=True)[:2] if layers > 1 else []:
+                tail = [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}}]
+                cands.append(Candidate(f"distill {keep}-layer student → onnx int8 dynamic, int4 embeddings",
+                                       [{"distill": {"student_layers": keep, "epochs": 1, **teacher}}, *tail], training=True))
+        else:
+            for amount in (0.3, 0.5):
+                head = [{"prune": {"method": "structured", "amount": amount}}, {"distill": {"epochs": 1, **teacher}}]
+                cands.append(Candidate(f"prune {amount:.0%} + distill → onnx fp32", [*head, {"export": {"target": "onnx"}}], training=True))
+                if conv:
+                    cands.append(Candidate(f"prune {amount:.0%} + distill → onnx int8 static",
+                                           [*head, {"quantize": {"method": "static", "backend": "onnxruntime"}}], training=True))
+    return cands
+
+
+def _encoder_layers(artifact: Artifact) -> int:
+    from .methods.depth import encoder_layers
+
+    try:
+        return len(encoder_layers(artifact.model)[2])
+    except CompressError:
+        return 0
+
+
+# ---------------------------------------------------------------- running candidates
+def _cache_root() -> Path:
+    from .methods.training import cache_dir
+
+    return cache_dir() / "optimize"
+
+
+def _key(input_dir: Path, cand: Candidate, data: str, seed: int) -> str:
+    h = hashlib.sha256(json.dumps({"input": Manifest.read(input_dir).files, "stages": cand.stages, "data": data, "seed": seed},
+                                  sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def command(pipeline: Path, out: Path) -> list[str]:
+    """The process one candidate runs in: ``compress run`` of its pipeline, with this Python."""
+    return [sys.executable, "-c", "import sys, cli; sys.exit(cli.main(sys.argv[1:]))", "--quiet", "--force", "run", str(pipeline), "-o", str(out)]
+
+
+def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeout: float, work: Path) -> None:
+    """Run one candidate as its own ``compress run`` process; its run directory is cached by input and recipe."""
+    cached = _cache_root() / _key(input_dir, cand, data, seed)
+    if (cached / "manifest.json").is_file():
+        try:
+            Manifest.read(cached).verify(cached)
+            cand.path, cand.seconds = cached, json.loads((cached / "manifest.json").read_text()).get("optimize_seconds")
+            log.info("reusing the finished candidate '%s' (%s)", cand.name, cached)
+            return
+        except CompressError:
+            shutil.rmtree(cached, ignore_errors=True)
+    pipe = work / f"{cached.name}.yaml"
+    pipe.write_text(yaml.safe_dump({"model": {"source": str(input_dir)}, "data": data, "seed": seed, "stages": cand.stages}, sort_keys=False))
+    out = work / cached.name
+    started = time.perf_counter()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(command(pipe, out), capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        cand.error, cand.seconds = f"no result within {timeout:.0f} s (hung, or too slow for this budget)", timeout
+        return
+    cand.seconds = round(time.perf_counter() - started, 1)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        last = lines[-1].removeprefix("error: ")[:300] if lines else ""
+        if proc.returncode < 0:            # killed by a signal: a crash in native code, or the out-of-memory killer
+            import signal
+
+            name = signal.Signals(-proc.returncode).name if -proc.returncode in signal.Signals._value2member_map_ else str(-proc.returncode)
+            cand.error = f"the candidate's process crashed ({name})" + (f": {last}" if last else "")
+        else:
+            cand.error = last or f"exit code {proc.returncode}"
+        return
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["optimize_seconds"] = cand.seconds
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    Manifest.read(out).write(out)                  # re-record the checksums with the extra key
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(cached, ignore_errors=True)
+    os.replace(out, cached)
+    cand.path = cached
+
+
+# ---------------------------------------------------------------- the search
+@register("optimize", "search", OptimizeConfig, accepts=("torch", "onnx"), produces="?", needs_data=True,
+          summary="measure the recipes that fit the model and keep the fastest artifact within the accuracy budget, on this device")
+def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
+    from .measure import BenchSettings, bench_artifacts
+
+    started = time.perf_counter()
+    budget_s, cand_timeout = seconds(config.time_budget), seconds(config.candidate_timeout)
+    bundle = ctx.data()
+    workdir = Path(ctx.workdir)
+    work = workdir / "_search"
+    work.mkdir(parents=True, exist_ok=True)
+    input_dir = work / "input"
+    if not (input_dir / "manifest.json").exists():
+        save(artifact, input_dir)
+    cands = recipes(artifact, config, bundle.labelled, ctx.data_spec)
+    with ctx.progress.task("optimize", len(cands)) as task:
+        for cand in cands:
+            left = budget_s - (time.perf_counter() - started)
+            if left <= 30:
+                cand.error = "skipped: the time budget was spent"
+            else:
+                task.advance(0, f"{cand.name}")
+                _run_candidate(cand, input_dir, ctx.data_spec, ctx.seed, min(cand_timeout, left), work)
+            task.advance(1, f"{sum(c.path is not None for c in cands)} finished, {sum(c.error is not None for c in cands)} failed")
+    done = [c for c in cands if c.path is not None]
+    if not done:
+        raise CompressError("no candidate finished: " + "; ".join(f"{c.name}: {c.error}" for c in cands[:3]),
+                            "Read the first failure; a longer --time-budget helps when they ran out of time")
+    arts = [("source", artifact)] + [(c.name, load_run_dir(c.path)) for c in done]
+    settings = BenchSettings(devices=(config.device,), batch_sizes=(config.batch_size,), threads=(config.threads,), data=ctx.data_spec,
+                             limit=config.eval_limit, budget_s=config.timing_budget_s, min_runs=5, max_runs=100_000)
+    report = bench_artifacts(arts, settings, progress=ctx.progress)
+    rows = {r["label"]: r for r in report.rows}
+    for c in done:
+        c.row = rows.get(c.name, {})
+        if not c.row:
+            c.error = next((s["reason"] for s in report.skipped if s["label"] == c.name), "it could not be measured")
+    source_row = rows["source"]
+    floor, metric = _budget(config, source_row)
+    fits = [c for c in done if c.row and _quality(c.row, metric) is not None and _quality(c.row, metric) >= floor]
+    pool = fits or [c for c in done if c.row and _quality(c.row, metric) is not None]
+    if not pool:
+        raise CompressError("no candidate could be scored on the data", "Give labelled data, or data the model's outputs can be compared on")
+    best = _pick(fits, config.objective, metric) if fits else max(pool, key=lambda c: _quality(c.row, metric))
+    met = bool(fits)
+    chosen = load_run_dir(best.path)
+    search = {"candidates": [c.record() for c in cands], "picked": best.name, "met": met, "objective": config.objective,
+              "budget": {"metric": metric, "floor": floor, "source": _quality(source_row, metric)},
+              "source": {"p50_ms": source_row["p50_ms"], "size_bytes": source_row.get("size_bytes")},
+              "deployment": {"device": config.device, "batch_size": config.batch_size, "threads": config.threads},
+              "seconds": round(time.perf_counter() - started, 1), "env": report.env}
+    (workdir / "search.json").write_text(json.dumps(search, indent=2, default=str) + "\n")
+    (workdir / "recipe.yaml").write_text(_recipe(artifact, best, ctx.data_spec, ctx.seed))
+    (workdir / "report.html").write_text(_report_html(search))
+    shutil.rmtree(work, ignore_errors=True)
+    miss = None if met else (f"no candidate keeps {metric} ≥ {floor:.4g}; the closest, {best.name}, reaches {_quality(best.row, metric):.4g}"
+                             f" ({_costliest(done, metric)})")
+    ctx.metrics.update({"picked": best.name, "met": met, "candidates": len(cands), "finished": len(done),
+                        "p50_ms": best.row["p50_ms"], "speedup_vs_input": source_row["p50_ms"] / best.row["p50_ms"] if best.row["p50_ms"] else None,
+                        metric: _quality(best.row, metric), f"input_{metric}": _quality(source_row, metric), "budget_floor": floor,
+                        "search_seconds": search["seconds"], **({"miss": miss} if miss else {})})
+    if miss:
+        log.warning(miss)
+    return chosen.evolve(stages=[*artifact.stages, *chosen.stages[len(artifact.stages):]], source=artifact.source, path=chosen.path)
+
+
+NOISE = 0.03   # objective values this close are one tie: timing noise between interleaved rounds is about this size
+
+
+def _pick(fits: list[Candidate], objective: str, metric: str) -> Candidate:
+    """The best on the objective; a tie within the noise goes to the higher quality, then the simpler recipe."""
+    best = min(_objective(c.row, objective) for c in fits)
+    close = [c for c in fits if _objective(c.row, objective) <= best + abs(best) * NOISE]
+    return max(close, key=lambda c: (round(_quality(c.row, metric), 4), -len(c.stages), -fits.index(c)))
+
+
+def _budget(config: OptimizeConfig, source_row: dict) -> tuple[float, str]:
+    m = source_row.get("metrics", {})
+    if "accuracy" in m and config.min_fidelity is None:
+        drop = 1.0 if config.max_accuracy_drop is None else config.max_accuracy_drop
+        return m["accuracy"] - drop / 100.0, "accuracy"
+    return (0.95 if config.min_fidelity is None else config.min_fidelity), "fidelity"
+
+
+def _quality(row: dict, metric: str) -> float | None:
+    m = row.get("metrics", {})
+    if metric == "accuracy":
+        return m.get("accuracy")
+    if row.get("baseline"):
+        return 1.0
+    return _fidelity(m)
+
+
+def _objective(row: dict, objective: str) -> float:
+    if objective == "throughput":
+        return -row["throughput_per_s"]
+    if objective == "size":
+        return row.get("size_bytes") or float("inf")
+    return row["p50_ms"]
+
+
+def _costliest(done: list[Candidate], metric: str) -> str:
+    """Which step of the recipes cost the most of the budget metric (what to relax)."""
+    losses = sorted(((_quality(c.row, metric), c.name) for c in done if c.row and _quality(c.row, metric) is not None))
+    return f"the largest loss comes with {losses[0][1]}" if losses else "nothing could be scored"
+
+
+def _recipe(artifact: Artifact, best: Candidate, data: str, seed: int) -> str:
+    """A pipeline that `compress run` turns into the same artifact: the input's own history, then the candidate's stages."""
+    arch = artifact.arch or {}
+    model = {"source": artifact.source}
+    if arch and not str(artifact.source).startswith(("zoo:", "hf:")) and not Path(str(artifact.source)).is_dir():
+        model.update({"arch": arch.get("spec"), "arch_args": arch.get("args") or {}})
+    model["input_shape"] = [f"{s.name}={'x'.join(map(str, s.shape))}:{s.dtype}" for s in artifact.input_spec]
+    history = [{s["stage"]: {("target" if s["stage"] == "export" else "method"): s["method"], **(s.get("config") or {})}}
+               for s in artifact.stages]
+    doc = {"model": model, "data": data, "seed": seed, "stages": [*history, *best.stages]}
+    return f"# compress optimize picked: {best.name}. `compress run recipe.yaml -o OUT` makes the same artifact again.\n" + \
+        yaml.safe_dump(doc, sort_keys=False)
+
+
+def _report_html(search: dict) -> str:
+    from html import escape
+
+    from .plots import pareto_svg
+
+    metric, floor = search["budget"]["metric"], search["budget"]["floor"]
+    num = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+    rows = "".join(f"<tr><td>{escape(c['recipe'])}</td><td>{num(c['p50_ms'], '.3f')}</td><td>{num(c['p99_ms'], '.3f')}</td>"
+                   f"<td>{num(c.get(metric), '.4f')}</td><td>{num(c['size_bytes'], ',')}</td><td>{num(c['seconds'], '.0f')}</td>"
+                   f"<td>{escape(c['error'] or '')}</td></tr>" for c in search["candidates"])
+    try:
+        plot = pareto_svg(search["candidates"], metric, floor, search["picked"],
+                          {"p50_ms": search["source"]["p50_ms"], metric: search["budget"]["source"]})
+    except ImportError:
+        plot = "<p>The plot needs matplotlib: pip install 'compress[report]'.</p>"
+    verdict = "budget met" if search["met"] else "budget missed"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>compress optimize</title></head><body style='font-family:sans-serif'>"
+            f"<h1>compress optimize: {escape(search['picked'])} ({verdict})</h1><p>budget: {metric} ≥ {floor:.4g} "
+            f"(the input: {search['budget']['source']:.4g}); {escape(str(search['env'].get('cpu')))}, batch "
+            f"{search['deployment']['batch_size']}, {search['deployment']['threads']} thread(s); search took {search['seconds']:.0f} s</p>"
+            f"{plot}<table border=1 cellpadding=4><tr><th>recipe</th><th>p50 ms</th><th>p99 ms</th><th>{metric}</th><th>bytes</th>"
+            f"<th>seconds to make</th><th>error</th></tr>{rows}</table></body></html>\n")

@@ -1,0 +1,142 @@
+"""``compress optimize`` on a real model and real data: the pick is faster than the fp32 ONNX export within the budget,
+a crashing or hanging candidate does not stop the search, a killed search resumes from its finished candidates, an
+impossible budget exits 3 with the closest candidate written, bad input is one line.
+
+Candidates run as their own processes; the module shares one candidate cache so that the searches after the first
+reuse what it made (which is itself tested)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compress import search
+
+from .conftest import ROOT, needs_fashion_mnist, subprocess_env
+
+FAST = ["--data", "fashion-mnist", "--no-training", "-s", "eval_limit=500", "-s", "timing_budget_s=0.5"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("optimize-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_env(cache, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(cache))
+
+
+def _search(out: Path) -> dict:
+    return json.loads((out / "search.json").read_text())
+
+
+def test_optimize_finds_an_artifact_faster_than_the_fp32_onnx_export_within_the_budget(cli, tmp_path):
+    needs_fashion_mnist()
+    out = tmp_path / "opt"
+    r = cli("optimize", "zoo:fmnist-resnet", *FAST, "--max-accuracy-drop", "1", "--time-budget", "10m", "-o", out)
+    assert r.rc == 0, r.err
+    s = _search(out)
+    by = {c["recipe"]: c for c in s["candidates"]}
+    picked = by[s["picked"]]
+    assert s["met"] and picked["error"] is None
+    assert picked["p50_ms"] < by["onnx fp32"]["p50_ms"], s["candidates"]
+    assert s["budget"]["floor"] == pytest.approx(s["budget"]["source"] - 0.01) and picked["accuracy"] >= s["budget"]["floor"]
+    assert all(c["p50_ms"] and c["size_bytes"] and c["seconds"] for c in s["candidates"]), s["candidates"]
+    # OUT is a run directory holding the pick, its history, the report and a recipe that compress run accepts
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"][-1]["stage"] == "optimize" and manifest["stages"][-1]["metrics"]["picked"] == s["picked"]
+    assert (out / "model.onnx").is_file() if "onnx" in s["picked"] else any(out.glob("model*"))
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "budget" in html and s["picked"] in html
+    assert "optimize" in r.out and s["picked"] in r.out                    # the candidates' table
+    assert cli("validate", out / "recipe.yaml").rc == 0
+    assert cli("bench", out, "--budget", "0.2").rc == 0                    # the pick loads and runs
+
+
+def test_a_crashing_and_a_hanging_candidate_do_not_stop_the_search(cli, tmp_path, monkeypatch):
+    needs_fashion_mnist()
+    real_recipes, real_command = search.recipes, search.command
+
+    def recipes(*a, **k):
+        return [search.Candidate("crashes", [{"export": {"target": "onnx", "opset": 16}}]),      # (recipes no other test caches)
+                search.Candidate("hangs", [{"export": {"target": "onnx", "opset": 15}}]),
+                *[c for c in real_recipes(*a, **k) if c.name == "onnx fp32"]]
+
+    def command(pipeline, out):
+        text = Path(pipeline).read_text()
+        if "opset: 16" in text:
+            return [sys.executable, "-c", "import os; os.abort()"]
+        if "opset: 15" in text:
+            return [sys.executable, "-c", "import time; time.sleep(120)"]
+        return real_command(pipeline, out)
+    monkeypatch.setattr(search, "recipes", recipes)
+    monkeypatch.setattr(search, "command", command)
+    out = tmp_path / "opt"
+    started = time.perf_counter()
+    r = cli("optimize", "zoo:fmnist-resnet", *FAST, "-s", "candidate_timeout=15s", "-o", out)
+    assert r.rc == 0, r.err
+    assert time.perf_counter() - started < 100
+    by = {c["recipe"]: c for c in _search(out)["candidates"]}
+    assert "crashed (SIGABRT)" in by["crashes"]["error"]
+    assert "no result within 15 s" in by["hangs"]["error"]
+    assert _search(out)["picked"] == "onnx fp32" and by["onnx fp32"]["error"] is None
+
+
+def test_a_killed_search_resumes_without_redoing_finished_candidates(tmp_path):
+    needs_fashion_mnist()
+    out, cache = tmp_path / "opt", tmp_path / "cache"      # a cache of its own: the candidates must be made here
+    before = set()
+    cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main(sys.argv[1:]))", "optimize", "zoo:fmnist-resnet", *FAST, "-o", str(out)]
+    env = subprocess_env() | {"COMPRESS_CACHE_DIR": str(cache)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (set(cache.glob("optimize/*/manifest.json")) - before):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)                 # the search and its running candidate, at once
+    proc.wait()
+    finished = set(cache.glob("optimize/*/manifest.json")) - before
+    assert finished, "no candidate finished within 4 minutes"
+    stamps = {p: p.stat().st_mtime_ns for p in finished}
+    assert not (out / "search.json").exists()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "reusing the finished candidate" in r.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())   # not made again
+    assert _search(out)["met"]
+
+
+def test_an_impossible_budget_exits_3_with_the_closest_candidate_written_and_the_miss_explained(cli, tmp_path, monkeypatch):
+    needs_fashion_mnist()
+    # only recipes that cannot keep the accuracy: most channels pruned away and no training to recover them
+    monkeypatch.setattr(search, "recipes", lambda *a, **k: [
+        search.Candidate(f"prune {a:.0%} untrained", [{"prune": {"method": "structured", "amount": a}}, {"export": {"target": "onnx"}}])
+        for a in (0.6, 0.8)])
+    out = tmp_path / "opt"
+    r = cli("optimize", "zoo:fmnist-resnet", *FAST, "--max-accuracy-drop", "1", "-o", out)
+    assert r.rc == 3, r.err
+    s = _search(out)
+    by = {c["recipe"]: c for c in s["candidates"]}
+    assert not s["met"] and s["budget"]["metric"] == "accuracy" and all(c["accuracy"] < s["budget"]["floor"] for c in by.values())
+    assert s["picked"] == max(by, key=lambda n: by[n]["accuracy"])          # the closest to the budget
+    assert "budget missed" in r.err and s["picked"] in r.err and "accuracy" in r.err
+    assert (out / "manifest.json").is_file() and (out / "recipe.yaml").is_file() and (out / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["zoo:fmnist-resnet"], "needs data"),
+    (["zoo:fmnist-resnet", "--data", "fashion-mnist", "--max-accuracy-drop", "200"], "max_accuracy_drop"),
+    (["zoo:fmnist-resnet", "--data", "fashion-mnist", "--objective", "speed"], "objective"),
+    (["zoo:fmnist-resnet", "--data", "fashion-mnist", "--time-budget", "soon"], "not a duration"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, args, message):
+    out = tmp_path / "opt"
+    r = cli("optimize", *args, "-o", out)
+    assert r.rc == 1 and len(r.err_lines) == 1 and message in r.err, r.err
+    assert not out.exists() and not list(tmp_path.glob(".*"))
