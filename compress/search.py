@@ -51,6 +51,7 @@ class OptimizeConfig:
     candidate_timeout: str = option("15m", "the most one candidate may take before it counts as hung")
     eval_limit: int = option(1000, "held-out samples each candidate is scored on", range=(16, 1_000_000))
     timing_budget_s: float = option(1.0, "timed seconds per candidate in the final interleaved measurement", range=(0.05, 60.0))
+    only: tuple[str, ...] = option((), "try only the recipes whose name holds one of these words (e.g. int8, onnx, prune)")
 
     def __post_init__(self):
         for name in ("time_budget", "candidate_timeout"):
@@ -72,7 +73,8 @@ class Candidate:
     seconds: float | None = None
     error: str | None = None
     path: Path | None = None                 # its finished run directory
-    row: dict = field(default_factory=dict)  # its measured bench row
+    probe: dict = field(default_factory=dict)  # its quick measurement right after it was made
+    row: dict = field(default_factory=dict)  # its row in the final, interleaved measurement
 
     def record(self) -> dict:
         r = self.row
@@ -112,7 +114,10 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
         if conv:
             cands += [Candidate("onnx int8 static", [{"quantize": {"method": "static", "backend": "onnxruntime"}}]),
                       Candidate("onnx int8 static, entropy calibration",
-                                [{"quantize": {"method": "static", "backend": "onnxruntime", "calibration": "entropy"}}])]
+                                [{"quantize": {"method": "static", "backend": "onnxruntime", "calibration": "entropy"}}]),
+                      Candidate("onnx int8 static, first and last layers float",
+                                [{"quantize": {"method": "static", "backend": "onnxruntime", "float_ends": True}}]),
+                      Candidate("torch int8 static (PT2E, AOTInductor)", [{"quantize": {"method": "static", "backend": "torch"}}])]
         else:
             cands += [Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]),
                       Candidate("torch int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "torch"}}])]
@@ -123,10 +128,10 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
             for keep in sorted({max(1, layers // 2), max(1, layers // 3)}, reverse=True)[:2] if layers > 1 else []:
                 tail = [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}}]
                 cands.append(Candidate(f"distill {keep}-layer student → onnx int8 dynamic, int4 embeddings",
-                                       [{"distill": {"student_layers": keep, "epochs": 1, **teacher}}, *tail], training=True))
+                                       [{"distill": {"student_layers": keep, "lr": 1e-4, **teacher}}, *tail], training=True))
         else:
             for amount in (0.3, 0.5):
-                head = [{"prune": {"method": "structured", "amount": amount}}, {"distill": {"epochs": 1, **teacher}}]
+                head = [{"prune": {"method": "structured", "amount": amount}}, {"distill": {**teacher}}]
                 cands.append(Candidate(f"prune {amount:.0%} + distill → onnx fp32", [*head, {"export": {"target": "onnx"}}], training=True))
                 if conv:
                     cands.append(Candidate(f"prune {amount:.0%} + distill → onnx int8 static",
@@ -205,34 +210,48 @@ def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeo
 
 
 # ---------------------------------------------------------------- the search
+RUNG_EPOCHS = (1, 3)   # training candidates: one epoch first; the fastest half still missing the budget get three
+DOMINATED = 1.05       # an architecture this much slower than a candidate already within the budget cannot win
+
+
 @register("optimize", "search", OptimizeConfig, accepts=("torch", "onnx"), produces="?", needs_data=True,
           summary="measure the recipes that fit the model and keep the fastest artifact within the accuracy budget, on this device")
 def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
     from .measure import BenchSettings, bench_artifacts
 
     started = time.perf_counter()
-    budget_s, cand_timeout = seconds(config.time_budget), seconds(config.candidate_timeout)
-    bundle = ctx.data()
-    workdir = Path(ctx.workdir)
-    work = workdir / "_search"
+    work = Path(ctx.workdir) / "_search"
     work.mkdir(parents=True, exist_ok=True)
     input_dir = work / "input"
     if not (input_dir / "manifest.json").exists():
         save(artifact, input_dir)
+    bundle = ctx.data()
+    search = _Search(artifact, config, ctx, input_dir, work, started + seconds(config.time_budget))
     cands = recipes(artifact, config, bundle.labelled, ctx.data_spec)
+    if config.only:
+        cands = [c for c in cands if any(w.lower() in c.name.lower() for w in config.only)]
+        if not cands:
+            raise CompressError(f"no recipe for this model matches only={','.join(config.only)}",
+                                "Leave 'only' out, or pick words from the recipe names in a search.json")
     with ctx.progress.task("optimize", len(cands)) as task:
-        for cand in cands:
-            left = budget_s - (time.perf_counter() - started)
-            if left <= 30:
-                cand.error = "skipped: the time budget was spent"
-            else:
-                task.advance(0, f"{cand.name}")
-                _run_candidate(cand, input_dir, ctx.data_spec, ctx.seed, min(cand_timeout, left), work)
-            task.advance(1, f"{sum(c.path is not None for c in cands)} finished, {sum(c.error is not None for c in cands)} failed")
-    done = [c for c in cands if c.path is not None]
+        search.task = task
+        for cand in [c for c in cands if not c.training]:          # cheap first: exports, post-training quantization
+            search.make(cand)
+        trained = [c for c in cands if c.training]
+        for cand in trained:
+            search.train(cand)
+        # successive halving: the fastest half of the trained candidates still short of the budget train longer
+        short = sorted((c for c in trained if c.probe and not search.fits(c.probe)), key=lambda c: c.probe["p50_ms"])
+        for cand in short[: (len(short) + 1) // 2]:
+            longer = _trained(cand, RUNG_EPOCHS[1], f"{cand.name}, {RUNG_EPOCHS[1]} epochs")
+            cands.append(longer)
+            task.advance(0, "")
+            search.make(longer)
+    done = [c for c in cands if c.path is not None and c.probe]
     if not done:
         raise CompressError("no candidate finished: " + "; ".join(f"{c.name}: {c.error}" for c in cands[:3]),
                             "Read the first failure; a longer --time-budget helps when they ran out of time")
+    # the final word: every finished candidate's artifact timed interleaved with the others and the input
     arts = [("source", artifact)] + [(c.name, load_run_dir(c.path)) for c in done]
     settings = BenchSettings(devices=(config.device,), batch_sizes=(config.batch_size,), threads=(config.threads,), data=ctx.data_spec,
                              limit=config.eval_limit, budget_s=config.timing_budget_s, min_runs=5, max_runs=100_000)
@@ -251,24 +270,107 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
     best = _pick(fits, config.objective, metric) if fits else max(pool, key=lambda c: _quality(c.row, metric))
     met = bool(fits)
     chosen = load_run_dir(best.path)
-    search = {"candidates": [c.record() for c in cands], "picked": best.name, "met": met, "objective": config.objective,
+    workdir = Path(ctx.workdir)
+    result = {"candidates": [c.record() for c in cands], "picked": best.name, "met": met, "objective": config.objective,
               "budget": {"metric": metric, "floor": floor, "source": _quality(source_row, metric)},
               "source": {"p50_ms": source_row["p50_ms"], "size_bytes": source_row.get("size_bytes")},
               "deployment": {"device": config.device, "batch_size": config.batch_size, "threads": config.threads},
               "seconds": round(time.perf_counter() - started, 1), "env": report.env}
-    (workdir / "search.json").write_text(json.dumps(search, indent=2, default=str) + "\n")
+    (workdir / "search.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (workdir / "recipe.yaml").write_text(_recipe(artifact, best, ctx.data_spec, ctx.seed))
-    (workdir / "report.html").write_text(_report_html(search))
+    (workdir / "report.html").write_text(_report_html(result))
     shutil.rmtree(work, ignore_errors=True)
     miss = None if met else (f"no candidate keeps {metric} ≥ {floor:.4g}; the closest, {best.name}, reaches {_quality(best.row, metric):.4g}"
                              f" ({_costliest(done, metric)})")
     ctx.metrics.update({"picked": best.name, "met": met, "candidates": len(cands), "finished": len(done),
                         "p50_ms": best.row["p50_ms"], "speedup_vs_input": source_row["p50_ms"] / best.row["p50_ms"] if best.row["p50_ms"] else None,
                         metric: _quality(best.row, metric), f"input_{metric}": _quality(source_row, metric), "budget_floor": floor,
-                        "search_seconds": search["seconds"], **({"miss": miss} if miss else {})})
+                        "search_seconds": result["seconds"], **({"miss": miss} if miss else {})})
     if miss:
         log.warning(miss)
     return chosen.evolve(stages=[*artifact.stages, *chosen.stages[len(artifact.stages):]], source=artifact.source, path=chosen.path)
+
+
+def _trained(cand: Candidate, epochs: int | None, name: str, steps: int | None = None) -> Candidate:
+    """The candidate with its distillation given another training budget (``steps`` overrides epochs)."""
+    budget = {"steps": steps, "eval_limit": 16} if steps else {"epochs": epochs}
+    stages = [{k: ({**v, **budget} if k == "distill" else v) for k, v in st.items()} for st in cand.stages]
+    return Candidate(name, stages, training=True)
+
+
+class _Search:
+    """Makes candidates one at a time, each probed at once (briefly timed, scored on a slice of the held-out data) so the
+    search knows the best so far, which training candidates are dominated, and what to show."""
+
+    def __init__(self, artifact: Artifact, config: OptimizeConfig, ctx, input_dir: Path, work: Path, deadline: float):
+        from .measure import BenchSettings
+
+        self.artifact, self.config, self.ctx, self.input_dir, self.work, self.deadline = artifact, config, ctx, input_dir, work, deadline
+        self.settings = BenchSettings(devices=(config.device,), batch_sizes=(config.batch_size,), threads=(config.threads,),
+                                      data=ctx.data_spec, limit=min(config.eval_limit, 256), budget_s=0.2, min_runs=3, max_runs=10_000)
+        self.floor: tuple[float, str] | None = None
+        self.best: Candidate | None = None
+        self.task = None
+
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def fits(self, row: dict) -> bool:
+        q = _quality(row, self.floor[1]) if self.floor else None
+        return q is not None and q >= self.floor[0]
+
+    def make(self, cand: Candidate, count: bool = True) -> None:
+        if self.left() <= 30:
+            cand.error = "skipped: the time budget was spent"
+        else:
+            self._show(f"making {cand.name}")
+            _run_candidate(cand, self.input_dir, self.ctx.data_spec, self.ctx.seed, min(seconds(self.config.candidate_timeout), self.left()), self.work)
+            if cand.path is not None:
+                self._probe(cand)
+        if count and self.task is not None:
+            self.task.advance(1, "")
+        self._show("")
+
+    def train(self, cand: Candidate) -> None:
+        """A training candidate: its architecture first (one training step), dropped when it is no faster than a candidate
+        already within the budget (more training changes its accuracy, never its speed); then its first rung of epochs."""
+        if self.best is not None and self.left() > 30:
+            probe = _trained(cand, None, f"{cand.name} (architecture)", steps=1)
+            self.make(probe, count=False)
+            if probe.probe and probe.probe["p50_ms"] > self.best.probe["p50_ms"] * DOMINATED:
+                cand.error = (f"dropped before training: its architecture runs in {probe.probe['p50_ms']:.3f} ms, no faster than "
+                              f"{self.best.name} ({self.best.probe['p50_ms']:.3f} ms) which already keeps the budget")
+                if self.task is not None:
+                    self.task.advance(1, "")
+                return
+        first = _trained(cand, RUNG_EPOCHS[0], cand.name)
+        cand.stages = first.stages
+        self.make(cand)
+
+    def _probe(self, cand: Candidate) -> None:
+        from .measure import bench_artifacts
+
+        try:
+            report = bench_artifacts([("source", self.artifact), (cand.name, load_run_dir(cand.path))], self.settings)
+        except CompressError as exc:
+            cand.error = f"it could not be measured: {exc.what}"
+            return
+        rows = {r["label"]: r for r in report.rows}
+        if cand.name not in rows:
+            cand.error = next((s["reason"] for s in report.skipped if s["label"] == cand.name), "it could not be measured")
+            return
+        if self.floor is None:
+            self.floor = _budget(self.config, rows["source"])
+        cand.probe = rows[cand.name]
+        if self.fits(cand.probe) and (self.best is None or _objective(cand.probe, self.config.objective) < _objective(self.best.probe, self.config.objective)):
+            self.best = cand
+
+    def _show(self, doing: str) -> None:
+        if self.task is None:
+            return
+        best = (f"best so far: {self.best.name} {self.best.probe['p50_ms']:.3f} ms" if self.best else "none within the budget yet")
+        left = max(0, int(self.left()))
+        self.task.advance(0, f"{doing + '; ' if doing else ''}{best}; {left // 60}:{left % 60:02d} left")
 
 
 NOISE = 0.03   # objective values this close are one tie: timing noise between interleaved rounds is about this size

@@ -37,9 +37,11 @@ def export_torchscript(artifact: Artifact, config: TorchScriptConfig, ctx) -> Ar
     model = artifact.model.eval()
     inputs = example_inputs(artifact.input_spec, export_batch(artifact.input_spec))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")   # tracer warnings; the verification below is the real check
+        # tracer warnings, and the tracer's own sanity check (exact re-runs, which large random-init models such as ViT-B
+        # miss by float noise): the verification below, against the eager model within atol, is the real check
+        warnings.simplefilter("ignore")
         try:
-            module = torch.jit.script(model) if config.mode == "script" else torch.jit.trace(model, inputs, strict=False)
+            module = torch.jit.script(model) if config.mode == "script" else torch.jit.trace(model, inputs, strict=False, check_trace=False)
         except Exception as exc:  # noqa: BLE001 - the JIT raises many types
             other = "trace" if config.mode == "script" else "script"
             raise CompressError(f"torch.jit.{config.mode} failed: {first_line(exc)}",

@@ -15,7 +15,8 @@ from .conftest import ROOT, needs_fashion_mnist
 def _examples() -> list[str]:
     lines = []
     in_code = False
-    for line in (ROOT / "README.md").read_text().splitlines():
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "README.md").read_text())   # a command continued on the next line is one command
+    for line in text.splitlines():
         if line.startswith("```"):
             in_code = not in_code
             continue

@@ -20,7 +20,7 @@ from compress import search
 
 from .conftest import ROOT, needs_fashion_mnist, subprocess_env
 
-FAST = ["--data", "fashion-mnist", "--no-training", "-s", "eval_limit=500", "-s", "timing_budget_s=0.5"]
+FAST = ["--data", "fashion-mnist", "--no-training", "-s", "eval_limit=500", "-s", "timing_budget_s=0.5", "-s", "only=onnx"]
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +65,8 @@ def test_a_crashing_and_a_hanging_candidate_do_not_stop_the_search(cli, tmp_path
     real_recipes, real_command = search.recipes, search.command
 
     def recipes(*a, **k):
-        return [search.Candidate("crashes", [{"export": {"target": "onnx", "opset": 16}}]),      # (recipes no other test caches)
-                search.Candidate("hangs", [{"export": {"target": "onnx", "opset": 15}}]),
+        return [search.Candidate("onnx crashes", [{"export": {"target": "onnx", "opset": 16}}]),      # (recipes no other test caches)
+                search.Candidate("onnx hangs", [{"export": {"target": "onnx", "opset": 15}}]),
                 *[c for c in real_recipes(*a, **k) if c.name == "onnx fp32"]]
 
     def command(pipeline, out):
@@ -84,8 +84,8 @@ def test_a_crashing_and_a_hanging_candidate_do_not_stop_the_search(cli, tmp_path
     assert r.rc == 0, r.err
     assert time.perf_counter() - started < 100
     by = {c["recipe"]: c for c in _search(out)["candidates"]}
-    assert "crashed (SIGABRT)" in by["crashes"]["error"]
-    assert "no result within 15 s" in by["hangs"]["error"]
+    assert "crashed (SIGABRT)" in by["onnx crashes"]["error"]
+    assert "no result within 15 s" in by["onnx hangs"]["error"]
     assert _search(out)["picked"] == "onnx fp32" and by["onnx fp32"]["error"] is None
 
 
@@ -116,7 +116,7 @@ def test_an_impossible_budget_exits_3_with_the_closest_candidate_written_and_the
     needs_fashion_mnist()
     # only recipes that cannot keep the accuracy: most channels pruned away and no training to recover them
     monkeypatch.setattr(search, "recipes", lambda *a, **k: [
-        search.Candidate(f"prune {a:.0%} untrained", [{"prune": {"method": "structured", "amount": a}}, {"export": {"target": "onnx"}}])
+        search.Candidate(f"prune {a:.0%} untrained → onnx", [{"prune": {"method": "structured", "amount": a}}, {"export": {"target": "onnx"}}])
         for a in (0.6, 0.8)])
     out = tmp_path / "opt"
     r = cli("optimize", "zoo:fmnist-resnet", *FAST, "--max-accuracy-drop", "1", "-o", out)
@@ -127,6 +127,31 @@ def test_an_impossible_budget_exits_3_with_the_closest_candidate_written_and_the
     assert s["picked"] == max(by, key=lambda n: by[n]["accuracy"])          # the closest to the budget
     assert "budget missed" in r.err and s["picked"] in r.err and "accuracy" in r.err
     assert (out / "manifest.json").is_file() and (out / "recipe.yaml").is_file() and (out / "model.onnx").is_file()
+
+
+def test_a_training_candidate_no_faster_than_one_already_within_the_budget_is_dropped_before_it_trains(cli, tmp_path, monkeypatch):
+    needs_fashion_mnist()
+    # int8 of the whole model first (within the budget), then 5% of the channels pruned in fp32: far slower (the fp32
+    # graph runs at about twice int8's latency), so it is never trained
+    int8 = search.Candidate("onnx int8 static, entropy calibration",
+                            [{"quantize": {"method": "static", "backend": "onnxruntime", "calibration": "entropy"}}])
+    slow = search.Candidate("prune 5% + distill → onnx fp32", [{"prune": {"method": "structured", "amount": 0.05}}, {"distill": {}},
+                                                               {"export": {"target": "onnx"}}], training=True)
+    monkeypatch.setattr(search, "recipes", lambda *a, **k: [int8, slow])
+    out = tmp_path / "opt"
+    r = cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "eval_limit=500", "-s", "timing_budget_s=0.5", "-o", out)
+    assert r.rc == 0, r.err
+    by = {c["recipe"]: c for c in _search(out)["candidates"]}
+    assert set(by) == {int8.name, slow.name}
+    dropped = by[slow.name]
+    assert dropped["error"].startswith("dropped before training") and dropped["p50_ms"] is None
+    assert _search(out)["picked"] == int8.name
+
+
+def test_only_matching_no_recipe_is_one_line(cli, tmp_path):
+    needs_fashion_mnist()
+    r = cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "only=nothing-like-this", "-o", tmp_path / "opt")
+    assert r.rc == 1 and len(r.err_lines) == 1 and "no recipe" in r.err and not (tmp_path / "opt").exists()
 
 
 @pytest.mark.parametrize("args, message", [

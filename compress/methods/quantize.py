@@ -56,6 +56,7 @@ class StaticConfig(QualityGate):
     per_channel: bool = option(True, "per-output-channel weight scales")
     reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (onnxruntime: weights, torch: activations)", choices=REDUCE_RANGE)
     exclude: tuple[str, ...] = option((), "node names to keep in float")
+    float_ends: bool = option(False, "onnxruntime: keep the first and last Conv/Gemm/MatMul in float (the layers int8 hurts most)")
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,8 @@ def static(artifact, config: StaticConfig, ctx):
         # Export and calibration data are made once; a retry only re-quantizes with more layers kept in float.
         src, specs = ort_q.fp32_onnx(artifact, Path(ctx.workdir) / "_fp32")
         batches = ort_q.calibration_batches(artifact, ctx, config.samples)
-        out = _ort_static(artifact, config, ctx, src, specs, batches, tuple(config.exclude))
+        out = _ort_static(artifact, config, ctx, src, specs, batches,
+                          tuple(config.exclude) + (tuple(ort_q.first_and_last(src)) if config.float_ends else ()))
 
         def retry():
             sensitive = tuple(config.exclude) + tuple(ort_q.first_and_last(src))
