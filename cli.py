@@ -291,11 +291,12 @@ Examples:
   compress quantize model.pt --arch torchvision:mobilenet_v2 --method static --backend onnxruntime --data photos -o runs/int8
   compress quantize zoo:minilm-l6 --method dynamic -o runs/minilm-int8
   compress quantize runs/pruned --method auto --data fashion-mnist -o runs/auto
+  compress quantize zoo:mobilenet_v2 --method static --backend openvino --data photos -o runs/ov-int8   (NNCF)
 """)
 @click.argument("source")
 @model_options
 @click.option("--method", help="dynamic | static | auto (see 'compress ls quantize').")
-@click.option("--backend", help="torch | onnxruntime.")
+@click.option("--backend", help="torch | onnxruntime | openvino (NNCF).")
 @click.option("--max-accuracy-drop", type=float, help="Fail (keeping nothing) when accuracy on --data drops more than this, e.g. 0.01.")
 @click.option("--require-speedup", is_flag=True, default=None, help="Fail when the result is not faster than its input.")
 @SET_OPTION
@@ -315,10 +316,11 @@ Examples:
   compress export runs/pruned --target pt2 -s aoti=true -o runs/pt2
   compress export runs/int8 --target torchscript -o runs/ts      (TorchScript is deprecated upstream; kept working)
   compress export runs/onnx --target trt -s precision=fp16 -o runs/trt   (needs an NVIDIA GPU and TensorRT)
+  compress export zoo:mobilenet_v2 --target openvino --data photos -o runs/ov   (pip install 'compress[openvino]')
 """)
 @click.argument("source")
 @model_options
-@click.option("--target", required=True, help="torchscript | onnx | pt2 | trt.")
+@click.option("--target", required=True, help="torchscript | onnx | pt2 | openvino | trt.")
 @click.option("--opset", type=int, help="ONNX opset version.")
 @SET_OPTION
 @DATA_OPTION

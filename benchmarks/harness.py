@@ -235,7 +235,7 @@ def rows_for(variants: list[Variant], phases: list[Phase]) -> list[dict]:
             t = v.timings.get(ph.key)
             row = {"variant": v.name, "tool": v.tool, "batch_size": ph.batch_size, "threads": ph.threads,
                    "p50_ms": None, "p90_ms": None, "p99_ms": None, "throughput_per_s": None,
-                   "size_bytes": v.size_bytes, **{k: q[k] for q in [v.phase_quality.get(ph.key, v.quality)] for k in ("accuracy", "fidelity") if k in q},
+                   "size_bytes": v.size_bytes, **{k: q[k] for q in [v.phase_quality.get(ph.key, v.quality)] for k in ("accuracy", "fidelity", "fidelity_calibration_inputs") if k in q},
                    "compression_s": _round(v.build_s), "warmup_s": _round(v.warmup_s.get(ph.key))}
             if t:
                 row.update({k: _round(t[k], 4) for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "cv")})

@@ -50,6 +50,24 @@ class OrtRunner:
         return self.session.run(None, feed)
 
 
+class OvRunner:
+    """OpenVINO's CPU plugin as its documentation shows: ``compile_model`` with the latency hint and the thread count; every
+    other property (the inference precision among them) at OpenVINO's default for this CPU."""
+
+    def __init__(self, path: Path, threads: int):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+        self.request = self.compiled.create_infer_request()
+
+    def prepare(self, inputs):
+        return [x.numpy() for x in inputs]
+
+    def run(self, feed):
+        result = self.request.infer(feed, share_inputs=True)
+        return [result[o] for o in self.compiled.outputs]
+
+
 @contextlib.contextmanager
 def _quiet():
     logging.getLogger().setLevel(logging.ERROR)
@@ -228,6 +246,61 @@ def ort_static_qdq(fp32: Path, out: Path, calib: list[tuple], reduce_range: bool
     return out
 
 
+# ---------------------------------------------------------------- OpenVINO
+def openvino_peers(model: nn.Module, example: tuple, calib: list[tuple], workdir: Path, transformer: bool = False, log=print) -> list[Variant]:
+    """OpenVINO as its documentation recommends: ``ov.convert_model`` from the torch model with an example input, saved with
+    its defaults (fp16-compressed weights) and run with its default precision for the CPU; NNCF post-training int8 on the
+    calibration data (``nncf.quantize``, the default preset and the mixed one; the transformer model type for attention
+    models); for transformers also NNCF's int8 weight compression (``nncf.compress_weights``)."""
+    tool = "OpenVINO"
+    try:
+        import openvino as ov
+    except ImportError:
+        return [failed("OpenVINO fp32", tool, "openvino is not installed (pip install 'compress[openvino]')")]
+    workdir.mkdir(parents=True, exist_ok=True)
+    log("  peer: OpenVINO fp32 / NNCF int8")
+    out: list[Variant] = []
+
+    def save(m, name: str) -> Path:
+        path = workdir / f"{name}.xml"
+        ov.save_model(m, str(path))
+        return path
+
+    def variant(name: str, path: Path, secs: float) -> Variant:
+        return Variant(name, tool, load=lambda threads: OvRunner(path, threads), size_bytes=path.stat().st_size + path.with_suffix(".bin").stat().st_size,
+                       build_s=secs)
+    try:
+        with _quiet(), torch.no_grad():
+            fp32, secs = _timed(lambda: ov.convert_model(model.eval(), example_input=example))
+        out.append(variant("OpenVINO fp32", save(fp32, "ov_fp32"), secs))
+    except Exception as exc:  # noqa: BLE001
+        return [failed("OpenVINO fp32", tool, exc)]
+    try:
+        import nncf
+    except ImportError:
+        return out + [failed("OpenVINO + NNCF int8", tool, "nncf is not installed (pip install 'compress[openvino]')")]
+    dataset = nncf.Dataset([[x.numpy() for x in b] for b in calib])
+    kind = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    recipes = [("OpenVINO + NNCF int8", {}), ("OpenVINO + NNCF int8, mixed preset", {"preset": nncf.QuantizationPreset.MIXED})]
+    if transformer:   # the transformer model type defaults to the mixed preset: the other one is the performance preset
+        recipes[1] = ("OpenVINO + NNCF int8, performance preset", {"preset": nncf.QuantizationPreset.PERFORMANCE})
+    for i, (name, preset) in enumerate(recipes):
+        try:
+            with _quiet():
+                q, qs = _timed(lambda: nncf.quantize(fp32, dataset, subset_size=len(calib), **kind, **preset))
+            out.append(variant(name, save(q, f"ov_int8_{i}"), secs + qs))
+        except Exception as exc:  # noqa: BLE001
+            out.append(failed(name, tool, exc))
+    if transformer:
+        try:
+            with _quiet():
+                w, ws = _timed(lambda: nncf.compress_weights(fp32))
+            out.append(variant("OpenVINO + NNCF int8 weights", save(w, "ov_int8_weights"), secs + ws))
+        except Exception as exc:  # noqa: BLE001
+            out.append(failed("OpenVINO + NNCF int8 weights", tool, exc))
+    return out
+
+
 # ---------------------------------------------------------------- peer sets
 def cnn_peers(model: nn.Module, example: tuple, calib: list[tuple], workdir: Path, log=print) -> list[Variant]:
     """The vision peers: torch eager, torch.compile, FX static int8, torchao PT2E + compile, onnxruntime fp32 and static QDQ
@@ -252,14 +325,15 @@ def cnn_peers(model: nn.Module, example: tuple, calib: list[tuple], workdir: Pat
             out.append(ort_fp32(q, name, build_s=secs + qs))
         except Exception as exc:  # noqa: BLE001
             out.append(failed(name, "onnxruntime", exc))
-    return out
+    return out + openvino_peers(model, example, calib, workdir, log=log)
 
 
-def text_peers(model: nn.Module, export_model: nn.Module, example: tuple, workdir: Path, num_heads: int, hidden: int, log=print) -> list[Variant]:
+def text_peers(model: nn.Module, export_model: nn.Module, example: tuple, calib: list[tuple], workdir: Path, num_heads: int, hidden: int,
+               log=print) -> list[Variant]:
     """The text peers: torch eager, torch.compile, torch dynamic int8, torchao int8 + compile, onnxruntime fused fp32,
-    and onnxruntime fused + dynamic int8 (Optimum's recipe). ``export_model`` is the same weights with eager attention,
-    whose graph onnxruntime's fusion recognises."""
-    out = [torch_eager(model), torch_compile(model), torch_dynamic_int8(model)]
+    onnxruntime fused + dynamic int8 (Optimum's recipe) and OpenVINO (fp32, NNCF int8 for transformers, int8 weights).
+    ``export_model`` is the same weights with eager attention, whose graph onnxruntime's fusion recognises."""
+    out = [torch_eager(model), torch_compile(model), torch_dynamic_int8(model)] + openvino_peers(model, example, calib, workdir, True, log)
     log("  peer: torchao int8")
     out.append(torchao_int8_compile(model))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -97,7 +97,9 @@ def save(artifact: Artifact, directory: Path, manifest: bool = True) -> Artifact
 
 
 def _companions(model_file: Path) -> list[Path]:
-    """Files that travel with a model file: the external-data files an ONNX model names."""
+    """Files that travel with a model file: an OpenVINO graph's weights (.bin), the external-data files an ONNX model names."""
+    if model_file.suffix == ".xml":
+        return [b] if (b := model_file.with_suffix(".bin")).is_file() else []
     if model_file.suffix != ".onnx":
         return []
     import onnx

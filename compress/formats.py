@@ -25,6 +25,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", "model.onnx", (".onnx",)),
     Format("pt2", "model.pt2", (".pt2",)),
     Format("tensorrt", "model.engine", (".engine", ".plan", ".trt")),
+    Format("openvino", "model.xml", (".xml",)),                         # OpenVINO IR: the graph, its weights in model.bin
 )}
 TORCH_FORMATS = tuple(n for n, f in FORMATS.items() if f.in_memory)
 # Weights of a torch model: they need the architecture (--arch) to become a model.

@@ -3,7 +3,8 @@
 The recipes come from what the model is — a convolutional net gets ONNX fp32, static int8 (onnxruntime, 7- or 8-bit
 as this CPU needs), torch.export and TorchScript, and with training allowed structured pruning recovered by
 distillation; a transformer gets fused ONNX, dynamic int8 (int4 embedding tables too) and shallower distilled
-students. Each candidate is a small pipeline run as its own ``compress run`` process under a time limit and the
+students; with OpenVINO installed, its fp32 IR and NNCF int8 join every list. Candidates that train the same way share
+one training run. Each candidate is a small pipeline run as its own ``compress run`` process under a time limit and the
 memory guard, so a crash, a hang or an out-of-memory is that candidate's failure and the search goes on; finished
 candidates are cached by their input and recipe, so a rerun after Ctrl-C or a kill continues where it stopped. Every
 finished candidate's final artifact is then timed interleaved with the others on this device, in the deployment
@@ -28,7 +29,7 @@ import yaml
 
 from .artifact import Artifact, load_run_dir, save
 from .config import option
-from .errors import CompressError
+from .errors import CompressError, is_installed
 from .manifest import Manifest
 from .registry import register
 
@@ -96,9 +97,14 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
 
     text = bool((artifact.arch or {}).get("spec", "").startswith("hf:")) and artifact.input_spec[0].dtype.startswith("int")
     cands: list[Candidate] = []
+    ov = is_installed("openvino")
+    ov_int8 = ov and is_installed("nncf")
+    ov_static = Candidate("openvino int8 (NNCF)", [{"quantize": {"method": "static", "backend": "openvino"}}])
     if artifact.format == "onnx":
         return [Candidate("onnx int8 static", [{"quantize": {"method": "static"}}]),
-                Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}])]
+                Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]),
+                *([Candidate("openvino fp32", [{"export": {"target": "openvino"}}])] if ov else []),
+                *([ov_static] if ov_int8 else [])]
     conv = not text and layer_mix(artifact)["conv_share"] >= 0.5
     if text:
         fused = {"optimize": True} if bert_type(artifact) else {}
@@ -107,10 +113,14 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
                   Candidate("onnx int8 dynamic, int4 embeddings",
                             [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}}]),
                   Candidate("torch int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "torch"}}])]
+        cands += [Candidate("openvino fp32", [{"export": {"target": "openvino"}}])] if ov else []
+        cands += [ov_static, Candidate("openvino int8 weights (NNCF)", [{"quantize": {"method": "dynamic", "backend": "openvino"}}])] if ov_int8 else []
     else:
         cands += [Candidate("onnx fp32", [{"export": {"target": "onnx"}}]),
                   Candidate("pt2 (torch.export)", [{"export": {"target": "pt2"}}]),
                   Candidate("torchscript", [{"export": {"target": "torchscript"}}])]
+        cands += [Candidate("openvino fp32", [{"export": {"target": "openvino"}}])] if ov else []
+        cands += [ov_static] if ov_int8 else []
         if conv:
             cands += [Candidate("onnx int8 static", [{"quantize": {"method": "static", "backend": "onnxruntime"}}]),
                       Candidate("onnx int8 static, entropy calibration",
@@ -126,9 +136,11 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
         if text:
             layers = _encoder_layers(artifact)
             for keep in sorted({max(1, layers // 2), max(1, layers // 3)}, reverse=True)[:2] if layers > 1 else []:
+                student = {"distill": {"student_layers": keep, "lr": 1e-4, **teacher}}
                 tail = [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}}]
-                cands.append(Candidate(f"distill {keep}-layer student → onnx int8 dynamic, int4 embeddings",
-                                       [{"distill": {"student_layers": keep, "lr": 1e-4, **teacher}}, *tail], training=True))
+                cands.append(Candidate(f"distill {keep}-layer student → onnx int8 dynamic, int4 embeddings", [student, *tail], training=True))
+                if ov_int8:
+                    cands.append(Candidate(f"distill {keep}-layer student → openvino int8 (NNCF)", [student, *ov_static.stages], training=True))
         else:
             for amount in (0.3, 0.5):
                 head = [{"prune": {"method": "structured", "amount": amount}}, {"distill": {**teacher}}]
@@ -136,6 +148,8 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
                 if conv:
                     cands.append(Candidate(f"prune {amount:.0%} + distill → onnx int8 static",
                                            [*head, {"quantize": {"method": "static", "backend": "onnxruntime"}}], training=True))
+                if ov_int8:
+                    cands.append(Candidate(f"prune {amount:.0%} + distill → openvino int8 (NNCF)", [*head, *ov_static.stages], training=True))
     return cands
 
 
@@ -324,12 +338,30 @@ class _Search:
             cand.error = "skipped: the time budget was spent"
         else:
             self._show(f"making {cand.name}")
-            _run_candidate(cand, self.input_dir, self.ctx.data_spec, self.ctx.seed, min(seconds(self.config.candidate_timeout), self.left()), self.work)
+            self._run(cand)
             if cand.path is not None:
                 self._probe(cand)
         if count and self.task is not None:
             self.task.advance(1, "")
         self._show("")
+
+    def _run(self, cand: Candidate) -> None:
+        """Run one candidate. A training candidate's training (its stages up to the last distill) is its own cached run, so
+        candidates that train the same way and differ in what follows (onnxruntime int8, OpenVINO int8, fp32) train once."""
+        timeout = lambda: min(seconds(self.config.candidate_timeout), self.left())  # noqa: E731
+        cut = max((i for i, st in enumerate(cand.stages) if "distill" in st), default=-1) + 1
+        if not cand.training or cut in (0, len(cand.stages)):
+            _run_candidate(cand, self.input_dir, self.ctx.data_spec, self.ctx.seed, timeout(), self.work)
+            return
+        head = Candidate(f"{cand.name} (training)", cand.stages[:cut], training=True)
+        _run_candidate(head, self.input_dir, self.ctx.data_spec, self.ctx.seed, timeout(), self.work)
+        if head.path is None:
+            cand.error, cand.seconds = head.error, head.seconds
+            return
+        tail = Candidate(cand.name, cand.stages[cut:])
+        _run_candidate(tail, head.path, self.ctx.data_spec, self.ctx.seed, timeout(), self.work)
+        cand.path, cand.error = tail.path, tail.error
+        cand.seconds = round((head.seconds or 0) + (tail.seconds or 0), 1)
 
     def train(self, cand: Candidate) -> None:
         """A training candidate: its architecture first (one training step), dropped when it is no faster than a candidate

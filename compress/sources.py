@@ -106,6 +106,8 @@ def load_model(spec: ModelSpec) -> Artifact:
         return _onnx_artifact(path, specs, spec.allow_nonfinite)
     if fmt == "pt2":
         return _pt2_artifact(path, specs)
+    if fmt == "openvino":
+        return _openvino_artifact(path, specs)
     if fmt in ("tensorrt", "torchscript"):
         if not specs:
             raise CompressError(f"{path} is a {'TorchScript archive' if fmt == 'torchscript' else 'TensorRT engine'}, whose input "
@@ -201,3 +203,29 @@ def _pt2_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
     if not specs:
         raise CompressError(f"the input shape of {path} cannot be read from it", "Give --input-shape")
     return Artifact("pt2", specs, str(path), path=path)
+
+
+def _openvino_artifact(path: Path, specs: list[InputSpec]) -> Artifact:
+    """An OpenVINO IR file (model.xml, its weights in model.bin beside it): input names, shapes and types read from the graph."""
+    from .openvino_model import openvino
+
+    ov = openvino()
+    if not path.with_suffix(".bin").is_file():
+        raise CompressError(f"{path} is an OpenVINO graph whose weights file {path.with_suffix('.bin').name} is missing",
+                            "Keep model.xml and model.bin together")
+    try:
+        model = ov.Core().read_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CompressError(f"OpenVINO cannot read {path} ({first_line(exc)})", "Give an OpenVINO IR written by ov.save_model or compress export --target openvino") from None
+    if specs:
+        return Artifact("openvino", specs, str(path), path=path)
+    graph_specs = []
+    for i, inp in enumerate(model.inputs):
+        shape = inp.get_partial_shape()
+        dims = [d.get_length() if d.is_static else -1 for d in shape]
+        dynamic = tuple(j for j, d in enumerate(dims) if d < 0)
+        # dynamic sizes take 1 for the batch and 128 for other axes (a sequence length), as for ONNX files
+        concrete = tuple(d if d >= 0 else (1 if j == 0 else 128) for j, d in enumerate(dims))
+        name = next(iter(inp.get_names()), f"input_{i}")
+        graph_specs.append(InputSpec(name, concrete, str(inp.get_element_type().to_dtype()), dynamic))
+    return Artifact("openvino", graph_specs, str(path), path=path)

@@ -40,7 +40,10 @@ def export_openvino(artifact: Artifact, config: OpenVINOConfig, ctx) -> Artifact
                           extra={**artifact.extra, "inference_precision": PRECISIONS[config.precision], "converted": how})
     ctx.metrics.update({"exporter": f"openvino.convert_model ({how})", "openvino": openvino().__version__,
                         "inference_precision": PRECISIONS[config.precision]})
-    return verified(artifact, out, ctx, target="openvino", precision=config.precision, atol=config.atol)
+    out = verified(artifact, out, ctx, target="openvino", precision=config.precision, atol=config.atol)
+    if config.precision != "fp32":   # a CPU without bf16/fp16 kernels runs f32 whatever the hint: say which ran
+        ctx.metrics["inference_precision_used"] = OpenVINORunner(out).precision
+    return out
 
 
 @register_runner("openvino")
@@ -64,7 +67,7 @@ class OpenVINORunner(Runner):
             raise CompressError(f"OpenVINO cannot load {artifact.path} ({first_line(exc)})", "Re-export it with compress export --target openvino") from None
         self.request = self.compiled.create_infer_request()
         self.dtypes = [i.get_element_type().to_dtype() for i in self.compiled.inputs]
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
     def prepare(self, inputs):
         if len(inputs) != len(self.dtypes):

@@ -22,12 +22,15 @@ TOLERANCES = {
     ("pt2-aoti", "fp32"): 1e-4,
     ("onnx", "fp32"): 1e-4,
     ("onnx", "fp16"): 2e-2,
+    ("openvino", "fp32"): 1e-4,
+    ("openvino", "fp16"): 5e-2,
+    ("openvino", "bf16"): 5e-2,
     ("tensorrt", "fp32"): 5e-3,     # TensorRT uses TF32 kernels for fp32 by default on Ampere and newer
     ("tensorrt", "fp16"): 3e-2,
     ("tensorrt", "int8"): 0.25,     # int8 is judged by top-1 agreement / cosine as well (MIN_TOP1, MIN_COSINE)
 }
-MIN_TOP1 = {"fp32": 0.99, "fp16": 0.97, "int8": 0.9}
-MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.98}
+MIN_TOP1 = {"fp32": 0.99, "fp16": 0.97, "bf16": 0.95, "int8": 0.9}
+MIN_COSINE = {"fp32": 0.9999, "fp16": 0.999, "bf16": 0.998, "int8": 0.98}
 DATA_LIMIT = 128
 
 

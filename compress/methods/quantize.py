@@ -8,6 +8,8 @@
   (the default) takes 7-bit weights on x86 CPUs without VNNI, where 8-bit ones saturate onnxruntime's int16 sums.
 - onnxruntime dynamic int8: MatMul/Gemm weights int8 (after BERT fusion for transformers).
 - auto: convolutions → onnxruntime static; Linear/LSTM-heavy → the faster of torch and onnxruntime dynamic.
+- OpenVINO (quantize_ov.py, ``backend openvino``): static int8 calibrated through NNCF (its accuracy control with
+  ``max_accuracy_drop`` on labelled data); dynamic is NNCF's int8 weight compression (activations stay float).
 - qat (qat.py): quantization-aware fine-tuning with torchao PT2E, packaged like torch static.
 Every result is checked against its input on real data (fidelity, accuracy) and for speed.
 """
@@ -33,7 +35,8 @@ from .quality import QualityGate, check
 
 @dataclass(frozen=True)
 class DynamicConfig(QualityGate):
-    backend: str = option("torch", "torch (eager int8 Linear/LSTM/GRU) or onnxruntime (int8 MatMul/Gemm)", choices=("torch", "onnxruntime"))
+    backend: str = option("torch", "torch (eager int8 Linear/LSTM/GRU), onnxruntime (int8 MatMul/Gemm) or openvino (NNCF int8 weight "
+                          "compression, activations float)", choices=("torch", "onnxruntime", "openvino"))
     layers: tuple[str, ...] = option(("Linear", "LSTM", "GRU"), "torch: layer types to quantize (add Embedding for int8 lookup tables, weight-only)")
     per_channel: bool = option(True, "per-output-channel weight scales")
     reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (torch: activations, onnxruntime: weights)", choices=REDUCE_RANGE)
@@ -42,21 +45,27 @@ class DynamicConfig(QualityGate):
     embedding_bits: int = option(8, "onnxruntime: bits of embedding tables (4: int4 blocks of 64, half the size of int8)", choices=(8, 4))
 
     def __post_init__(self):   # checked when the config is built, so `validate` reports it before anything runs
-        if self.backend == "torch" and self.embedding_bits != 8:
+        if self.backend != "onnxruntime" and self.embedding_bits != 8:
             raise ValueError(f"embedding_bits={self.embedding_bits} is an onnxruntime option (int4 embedding tables); "
                              "add backend onnxruntime (--backend onnxruntime), or drop embedding_bits")
 
 
 @dataclass(frozen=True)
 class StaticConfig(QualityGate):
-    backend: str = option("onnxruntime", "onnxruntime (Q/DQ int8 ONNX) or torch (torchao PT2E, x86 quantizer, AOTInductor .pt2)",
-                          choices=("onnxruntime", "torch"))
+    backend: str = option("onnxruntime", "onnxruntime (Q/DQ int8 ONNX), torch (torchao PT2E, x86 quantizer, AOTInductor .pt2) "
+                          "or openvino (NNCF, OpenVINO IR)", choices=("onnxruntime", "torch", "openvino"))
     calibration: str = option("minmax", "how activation ranges are chosen", choices=tuple(ort_q.CALIBRATION))
     samples: int = option(128, "calibration samples taken from --data", range=(1, 100_000))
     per_channel: bool = option(True, "per-output-channel weight scales")
     reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (onnxruntime: weights, torch: activations)", choices=REDUCE_RANGE)
     exclude: tuple[str, ...] = option((), "node names to keep in float")
     float_ends: bool = option(False, "onnxruntime: keep the first and last Conv/Gemm/MatMul in float (the layers int8 hurts most)")
+    preset: str = option("auto", "openvino: NNCF's preset, performance (symmetric activations) or mixed (asymmetric); auto: mixed "
+                         "for transformers, performance else", choices=("auto", "performance", "mixed"))
+
+    def __post_init__(self):
+        if self.backend != "openvino" and self.preset != "auto":
+            raise ValueError(f"preset={self.preset} is an NNCF option; add --backend openvino, or drop preset")
 
 
 @dataclass(frozen=True)
@@ -78,13 +87,19 @@ def _ort_dynamic(artifact: Artifact, config: DynamicConfig, ctx) -> Artifact:
     return artifact.evolve(format="onnx", path=dst, model=None, input_spec=specs, extra={**artifact.extra, "quantization": "dynamic int8"})
 
 
-@register("quantize", "dynamic", DynamicConfig, accepts=("torch", "onnx"), produces=lambda c: "torch-quantized" if c.backend == "torch" else "onnx",
+@register("quantize", "dynamic", DynamicConfig, accepts=("torch", "onnx"),
+          produces=lambda c: {"torch": "torch-quantized", "openvino": "openvino"}.get(c.backend, "onnx"),
           summary="int8 weights, activations quantized on the fly (Linear/LSTM/GRU or MatMul; transformers and RNNs on CPU)")
 def dynamic(artifact, config: DynamicConfig, ctx):
     if config.backend == "torch" and artifact.format != "torch":
         raise CompressError(f"torch dynamic quantization takes a torch model, not {artifact.format}", "Use --backend onnxruntime for ONNX models")
     if config.backend == "torch":
         out = torch_q.torch_dynamic(artifact, config, ctx, reduce_range(config.reduce_range, ctx.metrics, False))
+    elif config.backend == "openvino":
+        from . import quantize_ov
+
+        out, info = quantize_ov.weights(artifact, ctx)
+        ctx.metrics.update(info)
     else:
         out = _ort_dynamic(artifact, config, ctx)
     return check(artifact, out, config, ctx, retry=None)
@@ -98,12 +113,19 @@ def _ort_static(artifact: Artifact, config: StaticConfig, ctx, src: Path, specs,
     return artifact.evolve(format="onnx", path=dst, model=None, input_spec=specs, extra={**artifact.extra, "quantization": "static int8 QDQ"})
 
 
-@register("quantize", "static", StaticConfig, accepts=("torch", "onnx"), produces=lambda c: "onnx" if c.backend == "onnxruntime" else "pt2",
+@register("quantize", "static", StaticConfig, accepts=("torch", "onnx"),
+          produces=lambda c: {"onnxruntime": "onnx", "openvino": "openvino"}.get(c.backend, "pt2"),
           needs_data=True, requires=(("onnxruntime", None),),
           summary="int8 weights and activations calibrated on --data: onnxruntime Q/DQ (fast CPU path for CNNs) or torch PT2E → .pt2")
 def static(artifact, config: StaticConfig, ctx):
     if config.backend == "torch":
         out = torch_q.torch_static(artifact, config.samples, ctx, reduce_range(config.reduce_range, ctx.metrics, False))
+        return check(artifact, out, config, ctx, retry=None)
+    if config.backend == "openvino":
+        from . import quantize_ov
+
+        out, info = quantize_ov.static(artifact, ctx, samples=config.samples, preset=config.preset, max_accuracy_drop=config.max_accuracy_drop)
+        ctx.metrics.update(info)
         return check(artifact, out, config, ctx, retry=None)
     try:
         # Export and calibration data are made once; a retry only re-quantizes with more layers kept in float.

@@ -25,9 +25,7 @@ def _nncf():
 def is_transformer(artifact: Artifact) -> bool:
     """Attention models get NNCF's transformer model type (its documented setting for them)."""
     if artifact.model is not None:
-        from .attention import blocks
-
-        return bool(blocks(artifact.model))
+        return any("attention" in type(m).__name__.lower() for m in artifact.model.modules())
     return str((artifact.arch or {}).get("spec", "")).startswith("hf:")
 
 
