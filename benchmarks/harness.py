@@ -92,11 +92,13 @@ def state_dict_bytes(module: torch.nn.Module) -> int:
 
 def file_bytes(path: str | Path) -> int:
     """Bytes of a model file and what it needs: for ONNX, the external-data files its tensors name (not every
-    ``.data`` file lying next to it), for a folder, all its files."""
+    ``.data`` file lying next to it), for OpenVINO IR its .bin, for a folder, all its files."""
     p = Path(path)
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     size = p.stat().st_size
+    if p.suffix == ".xml" and p.with_suffix(".bin").is_file():      # OpenVINO IR: the graph, and its weights beside it
+        size += p.with_suffix(".bin").stat().st_size
     if p.suffix == ".onnx":
         import onnx
 

@@ -78,7 +78,7 @@ def optimize_candidate(model, data: str, options: dict, out: Path, s: Settings, 
 
 def search_options(s: Settings, **budget) -> dict:
     """The deployment every target is judged in (batch 1, 1 thread); quick runs only the recipes that do not train."""
-    quick = {"training": False, "time_budget": "8m", "eval_limit": 256, "timing_budget_s": 0.3} if s.quick else {}
+    quick = {"training": False, "time_budget": "4m", "eval_limit": 256, "timing_budget_s": 0.3} if s.quick else {}
     return {"batch_size": 1, "threads": 1, **budget, **quick}
 
 

@@ -1,4 +1,5 @@
-"""What this CPU can do for int8: read once from /proc/cpuinfo (Linux x86); other systems are assumed capable."""
+"""What this CPU can do for int8 (and bf16): read once from /proc/cpuinfo (Linux x86); other systems are assumed capable of
+int8 and not of bf16."""
 from __future__ import annotations
 
 import functools
@@ -23,6 +24,12 @@ def has_vnni() -> bool:
     if flags is None or "avx2" not in flags:
         return True
     return any(f in flags for f in VNNI_FLAGS)
+
+
+def has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX): where bf16 inference is a speed-up rather than an emulation."""
+    flags = _flags()
+    return flags is not None and any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 def int8_saturates() -> bool:

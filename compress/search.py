@@ -3,7 +3,7 @@
 The recipes come from what the model is — a convolutional net gets ONNX fp32, static int8 (onnxruntime, 7- or 8-bit
 as this CPU needs), torch.export and TorchScript, and with training allowed structured pruning recovered by
 distillation; a transformer gets fused ONNX, dynamic int8 (int4 embedding tables too) and shallower distilled
-students; with OpenVINO installed, its fp32 IR and NNCF int8 join every list. Candidates that train the same way share
+students; with OpenVINO installed, its fp32 IR (bf16 on CPUs with native bf16) and NNCF int8 join every list. Candidates that train the same way share
 one training run. Each candidate is a small pipeline run as its own ``compress run`` process under a time limit and the
 memory guard, so a crash, a hang or an out-of-memory is that candidate's failure and the search goes on; finished
 candidates are cached by their input and recipe, so a rerun after Ctrl-C or a kill continues where it stopped. Every
@@ -29,6 +29,7 @@ import yaml
 
 from .artifact import Artifact, load_run_dir, save
 from .config import option
+from .cpu import has_bf16
 from .errors import CompressError, is_installed
 from .manifest import Manifest
 from .registry import register
@@ -100,6 +101,7 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
     ov = is_installed("openvino")
     ov_int8 = ov and is_installed("nncf")
     ov_static = Candidate("openvino int8 (NNCF)", [{"quantize": {"method": "static", "backend": "openvino"}}])
+    ov_bf16 = Candidate("openvino bf16", [{"export": {"target": "openvino", "precision": "bf16"}}])   # CPUs with native bf16 only
     if artifact.format == "onnx":
         return [Candidate("onnx int8 static", [{"quantize": {"method": "static"}}]),
                 Candidate("onnx int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "onnxruntime"}}]),
@@ -114,12 +116,14 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
                             [{"quantize": {"method": "dynamic", "backend": "onnxruntime", "embedding_bits": 4}}]),
                   Candidate("torch int8 dynamic", [{"quantize": {"method": "dynamic", "backend": "torch"}}])]
         cands += [Candidate("openvino fp32", [{"export": {"target": "openvino"}}])] if ov else []
+        cands += [ov_bf16] if ov and has_bf16() else []
         cands += [ov_static, Candidate("openvino int8 weights (NNCF)", [{"quantize": {"method": "dynamic", "backend": "openvino"}}])] if ov_int8 else []
     else:
         cands += [Candidate("onnx fp32", [{"export": {"target": "onnx"}}]),
                   Candidate("pt2 (torch.export)", [{"export": {"target": "pt2"}}]),
                   Candidate("torchscript", [{"export": {"target": "torchscript"}}])]
         cands += [Candidate("openvino fp32", [{"export": {"target": "openvino"}}])] if ov else []
+        cands += [ov_bf16] if ov and has_bf16() else []
         cands += [ov_static] if ov_int8 else []
         if conv:
             cands += [Candidate("onnx int8 static", [{"quantize": {"method": "static", "backend": "onnxruntime"}}]),
