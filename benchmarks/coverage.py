@@ -189,7 +189,7 @@ def write_table(cells: list[dict], out: Path, machine: dict, merge: bool = False
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="*", help="models to run, a glob on their names (e.g. 'timm/*')")
+    p.add_argument("--only", default="*", help="models to run, globs on their names, comma-separated (e.g. 'timm/*,transformers/bert')")
     p.add_argument("--steps", default="*", help="steps to run, a glob")
     p.add_argument("--timeout", type=float, default=600, help="seconds per command before a cell counts as a hang")
     p.add_argument("--max-memory", default="0.6", help="compress's --max-memory for every cell")
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     cells = []
     with tempfile.TemporaryDirectory(prefix="compress-coverage-") as tmp:
         work = Path(tmp)
-        for name in [m for m in MODELS if fnmatch.fnmatch(m, a.only)]:
+        for name in [m for m in MODELS if any(fnmatch.fnmatch(m, g) for g in a.only.split(","))]:
             source = _source(name, work)
             for step in [s for s in STEPS if fnmatch.fnmatch(s, a.steps)]:
                 cell = _run_cell(name, step, source, work, a.timeout, a.max_memory)

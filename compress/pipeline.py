@@ -160,14 +160,16 @@ class _Out:
     def stage_dir(self, label: str) -> Path:
         return owned_partial(self.root / "stages", label)
 
-    def commit_stage(self, partial: Path, label: str) -> Path:
+    def commit_stage(self, partial: Path, label: str, saved: Artifact) -> Path:
         sync_tree(partial)
         final = self.root / "stages" / label
         if final.exists():                   # an earlier run's stage of the same name, made from other stages or configs
             shutil.rmtree(final)
         os.rename(partial, final)
         fsync_dir(final.parent)
-        if not self.live:                    # the first completed stage: OUT appears (replacing an earlier one with --force)
+        if not self.live:                    # the first completed stage: OUT appears (replacing an earlier one with --force),
+            # with its manifest already naming the stage, so a kill right after leaves an OUT that --resume continues
+            self._status(saved.evolve(path=final / Path(saved.path).name), "incomplete", root=self.tmp)
             commit_dir(self.tmp, self.out)
             self.live, self.tmp, self.cleared = True, None, True
             return self.out / "stages" / label
@@ -183,12 +185,13 @@ class _Out:
         if self.live:
             self._status(last, "incomplete")
 
-    def _status(self, last: Artifact, status: str, error: str | None = None) -> None:
-        mf = last.manifest(str(Path(last.path).resolve().relative_to(self.out.resolve())))
+    def _status(self, last: Artifact, status: str, error: str | None = None, root: Path | None = None) -> None:
+        root = root or self.out
+        mf = last.manifest(str(Path(last.path).resolve().relative_to(root.resolve())))
         mf.extra.update({"status": status, "pipeline": {"stages": self.labels}})
         if error:
             mf.extra["error"] = error
-        mf.write(self.out)
+        mf.write(root)
 
     def finish(self):
         """Make the finished run OUT (when it is still in its partial folder); returns how artifact paths move."""
@@ -242,7 +245,7 @@ def _run_stage(sp: StagePlan, current: Artifact, source: Artifact, out: _Out, pl
     # a stage that ran other stages (optimize) hands back their history; the rest keep their input's
     prior = result.stages if result.stages[: len(current.stages)] == current.stages else current.stages
     saved = save(result.evolve(stages=[*prior, entry], source=current.source), stage_dir)
-    final_dir = out.commit_stage(stage_dir, sp.label)
+    final_dir = out.commit_stage(stage_dir, sp.label, saved)
     progress.done(f"{sp.stage} {sp.method.name}", seconds)
     return saved.evolve(path=final_dir / Path(saved.path).name)
 
