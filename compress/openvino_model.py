@@ -46,8 +46,6 @@ def convert(artifact: Artifact, via: str = "auto"):
     frontend from example inputs (``via="torch"``) or through a verified-shape ONNX export (``via="onnx"``); ``auto`` tries
     torch first and ONNX when that fails. Returns (model, how)."""
     ov = openvino()
-    if artifact.format == "openvino":
-        return ov.Core().read_model(str(artifact.path)), "read"
     if artifact.format == "onnx":
         try:
             with quiet():
@@ -89,7 +87,8 @@ def _via_onnx(artifact: Artifact):
         export_file(artifact.model, artifact.input_spec, path, arch=artifact.arch)
         with quiet():
             model = ov.convert_model(str(path))
-            # the weights are read lazily from the file: make them the model's own before the folder goes
+            # the converted model reads its weights from the ONNX file: read back from our own IR, which OpenVINO maps
+            # into memory (still valid once the folder is removed)
             return ov.Core().read_model(_save(model, Path(tmp) / "ir.xml", False))
 
 
