@@ -1,4 +1,5 @@
-"""The public Python verbs: ``compress.load``, ``prune``, ``distill``, ``quantize``, ``export``, ``optimize``, ``bench`` and ``run``.
+"""The public Python verbs: ``compress.load``, ``prune``, ``distill``, ``quantize``, ``export``, ``optimize``, ``bench`` and ``run``
+(and ``package``, reached as ``compress.api.package``).
 
 Each is a thin layer over the code path the CLI and YAML pipelines use (a one-stage plan through
 :func:`compress.pipeline.run`), so it checks its options the same way and writes the same run directory::
@@ -74,6 +75,16 @@ def bench(*models, data: str | None = None, **settings):
     return bench_artifacts(bench_sources([str(m) if isinstance(m, Path) else m for m in models]), settings)
 
 
+def package(run_dir, target: str, out=None, *, force: bool = False, **options):
+    """Write ``out`` from which ``target`` serves ``run_dir``'s model: ``"ray"`` (a Ray Serve application),
+    ``"triton"`` (a Triton model repository) or ``"docker"`` (a Dockerfile running compress serve); options as
+    :class:`~compress.packaging.PackageOptions` (replicas, autoscale, threads, max_batch_size, max_wait_ms, cache_size,
+    device, host, port). Returns the :class:`~compress.packaging.PackageResult` (files written, commands that start it)."""
+    from .packaging import package as package_run
+
+    return package_run(run_dir, target, _out(out, "package"), force=force, **options)
+
+
 def run(pipeline, out=None, *, sets=(), force: bool = False, resume: bool = False):
     """Run a pipeline (a YAML file, a shipped pipeline's name, a dict, or a checked Plan) into ``out``; returns the
     :class:`~compress.pipeline.RunResult` (every stage's artifact and the bench report)."""
@@ -86,6 +97,24 @@ def run(pipeline, out=None, *, sets=(), force: bool = False, resume: bool = Fals
     if not isinstance(pipeline, Plan):
         pipeline = apply_sets(pipeline, sets)
     return run_plan(pipeline, _out(out, "run"), force=force, resume=resume, where=where)
+
+
+def drift(run_dir, current, *, reference: str | None = None, window: str | None = None, sample: int | None = None,
+          sample_out=None, labels=None, alpha: float = 0.05, limit: int = 1000, model: str | None = None,
+          json_path=None, html_path=None, force: bool = False):
+    """``compress drift``: compare ``current`` (a DATA spec, the ``--log-dir`` of ``compress serve``, a DataBundle or a
+    Dataset) with the reference profile the run directory ``run_dir`` (or the Artifact a verb returned) keeps, or one
+    made from ``reference`` (a DATA spec); returns the :class:`~compress.drift_check.DriftReport` (``drifted``,
+    ``tests``, ``accuracy``, ``windows``, ``exit_code``: 0 no drift, 3 drift). Options as the CLI's flags."""
+    from .artifact import Artifact
+    from .drift_check import check
+
+    if isinstance(run_dir, Artifact):
+        if run_dir.path is None:
+            raise CompressError("this Artifact was not saved to a run directory", "Give out= to the verb that made it, or a run directory")
+        run_dir = Path(run_dir.path).parent
+    return check(run_dir, current, reference=reference, window=window, sample=sample, sample_out=sample_out, labels=labels,
+                 alpha=alpha, limit=limit, model=model, json_path=json_path, html_path=html_path, force=force)
 
 
 # ---------------------------------------------------------------- one stage, the pipeline's way

@@ -127,11 +127,21 @@ def load_run_dir(directory: Path, trust_pickle: bool = False, verify: bool = Tru
         if path.parent != Path(directory) and (path.parent / MANIFEST).is_file():   # a failed run's model, in its stage folder
             Manifest.read(path.parent).verify(path.parent)
     art = Artifact(format=manifest.format, input_spec=manifest.input_spec, source=manifest.source, path=path,
-                   arch=manifest.arch, rebuild=manifest.rebuild, stages=manifest.stages,
+                   arch=_local_arch(manifest.arch, Path(directory)), rebuild=manifest.rebuild, stages=manifest.stages,
                    extra={k: v for k, v in manifest.extra.items() if k not in RUN_KEYS})
     if art.is_torch:
         art.model = rebuild_torch(art, path, trust_pickle, allow_nonfinite)
     return art
+
+
+def _local_arch(arch: dict | None, directory: Path) -> dict | None:
+    """A relative ``hf:FOLDER`` or ``FILE.py:Callable`` spec that names something inside the run directory (as
+    ``compress package`` writes them, so the directory serves wherever it is copied) resolved against it."""
+    spec = str((arch or {}).get("spec") or "")
+    kind, ref = ("hf:", spec[3:]) if spec.startswith("hf:") else ("", spec.rpartition(":")[0]) if ".py:" in spec else ("", "")
+    if not ref or Path(ref).is_absolute() or not (directory / ref).exists():
+        return arch
+    return {**arch, "spec": kind + str((directory / ref).resolve()) + spec[len(kind) + len(ref):]}
 
 
 def rebuild_torch(art: Artifact, path: Path, trust_pickle: bool, allow_nonfinite: bool = False) -> nn.Module:

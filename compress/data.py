@@ -205,6 +205,24 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
+# How each built-in image set turns pixels in [0, 1] into model inputs (mean, std per channel; None: left in [0, 1]),
+# and its class names: a server preprocesses a raw image the way the model's data was, and names its answers.
+IMAGE_NORMALIZATION = {"fashion-mnist": ((0.2860,), (0.3530,)), "mnist": ((0.1307,), (0.3081,)), "digits": None, "lfw-faces": None,
+                       "photos": (IMAGENET_MEAN, IMAGENET_STD)}
+CLASS_NAMES = {"fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+               "digits": tuple("0123456789"), "mnist": tuple("0123456789"), "lfw-faces": ("not face", "face"),
+               "rotten-tomatoes": ("rotten", "fresh")}
+
+
+def image_normalization(spec: str | None, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The normalization images of DATA ``spec`` got (image folders: ImageNet's); unknown data: ImageNet's for colour
+    models, none for grey ones."""
+    name = str(spec or "")
+    if name in IMAGE_NORMALIZATION:
+        return IMAGE_NORMALIZATION[name]
+    return (IMAGENET_MEAN, IMAGENET_STD) if name.startswith("imagefolder:") or channels == 3 else None
+
+
 # ---------------------------------------------------------------- spec kinds
 SPEC_KINDS = ("imagefolder", "tensors", "python")
 

@@ -199,7 +199,7 @@ def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeo
     pipe.write_text(yaml.safe_dump({"model": {"source": str(input_dir)}, "data": data, "seed": seed, "stages": cand.stages}, sort_keys=False))
     out = work / cached.name
     started = time.perf_counter()
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COMPRESS_REFERENCE="0")    # a candidate needs no drift reference
     try:
         proc = subprocess.run(command(pipe, out), capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

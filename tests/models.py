@@ -47,6 +47,24 @@ def tiny_mlp(in_features: int = 4, out_features: int = 3, hidden: int = 16) -> n
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 
 
+class Picky(nn.Module):
+    """A tiny MLP that fails on any input over 100 (a model error a server must survive) and takes 1.5 s on an input
+    of all -7 (a request still in flight when the server is told to stop)."""
+
+    def __init__(self, in_features: int = 4, out_features: int = 3):
+        super().__init__()
+        self.fc = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        if bool((x.abs() > 100).any()):
+            raise ValueError("an input over 100: this model cannot take it")
+        if bool((x == -7).all()):
+            import time
+
+            time.sleep(1.5)
+        return self.fc(x)
+
+
 class Argmax(nn.Module):
     """Returns its input as logits: an 'oracle' whose accuracy on data labelled by argmax is exactly 1."""
 
