@@ -34,6 +34,20 @@ def ort_static_digits(tmp_path_factory, digits_source):
     return run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "static", "samples": 256}}]}, out)
 
 
+def test_onnxruntime_quantization_leaves_the_root_logger_as_it_was(tmp_path, digits_source):
+    """onnxruntime's tools are silenced while they run, and only then: a notebook's warnings reach it afterwards."""
+    import logging
+
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        run({"model": digits_source, "data": "digits", "stages": [{"quantize": {"method": "static", "samples": 32}}]}, tmp_path / "o")
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(before)
+
+
 def test_onnxruntime_static_int8_keeps_digits_accuracy(ort_static_digits):
     res = ort_static_digits
     m = _metrics(res)

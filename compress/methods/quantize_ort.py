@@ -202,11 +202,14 @@ def first_and_last(path: Path, op_types=("Conv", "Gemm", "MatMul")) -> list[str]
 def _quiet(workdir: Path):
     """Silence onnxruntime's tools and run them in a scratch folder inside ``workdir``: they leave temporary files
     (symbolic shape inference models, external data) in the working directory, which is removed afterwards."""
-    logging.getLogger().setLevel(logging.ERROR)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)         # only while they run: the caller's warnings (compress.*) must still reach it after
     scratch = Path(workdir) / "_ort_scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), contextlib.chdir(scratch):
             yield
     finally:
+        root.setLevel(level)
         shutil.rmtree(scratch, ignore_errors=True)
