@@ -7,6 +7,7 @@ Bad requests get a 4xx JSON ``{"error": ...}``, a model failure a 500; neither t
 """
 # (no "from __future__ import annotations": FastAPI reads the handlers' annotations, e.g. Request, as objects)
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -248,7 +249,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
         key = None
         if request_cache.size:
             raw = await request.body()
-            key = cache_key([np.frombuffer(request.url.path.encode() + b"\0" + raw, np.uint8)[None]], 0)
+            key = hashlib.blake2b(request.url.path.encode() + b"\0" + raw, digest_size=16).digest()
             hit = request_cache.get(key)
             if hit is not None:
                 state["metrics"].cache_hits.inc()

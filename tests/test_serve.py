@@ -255,6 +255,9 @@ def test_cache_hits_and_metrics_are_summed_over_both_workers(digits):
     hits = digits.metric("compress_cache_hits_total") - before_hits
     assert hits >= 10, hits                              # each worker misses it once at most
     assert digits.metric("compress_requests_total", endpoint="infer", code="200") - before_ok == 12
+    before_bad = digits.metric("compress_errors_total", code="400")
+    assert digits.post("/v2/models/digits/infer", content=b"{").status_code == 400
+    assert digits.metric("compress_errors_total", code="400") - before_bad == 1       # counted, whichever test ran first
     text = digits.get("/metrics").text
     for name in ("compress_request_duration_seconds_bucket", "compress_inference_duration_seconds_count", "compress_batch_size_count",
                  "compress_cache_misses_total", "compress_errors_total"):
