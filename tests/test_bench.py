@@ -7,7 +7,6 @@ import re
 import sys
 import statistics
 import time
-from pathlib import Path
 
 import pytest
 import torch

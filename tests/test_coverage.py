@@ -155,3 +155,18 @@ def test_a_run_past_its_memory_limit_stops_with_one_line_and_writes_nothing(cli,
     assert not (tmp_path / "o").exists()
     r = cli("--max-memory", "lots", "prune", tiny_state[0], *tiny, "--method", "magnitude", "-o", tmp_path / "o")
     assert r.rc == 1 and "max_memory: max_memory 'lots' is not a size" in r.err
+
+
+def test_gpt2_conv1d_projections_take_torch_dynamic_int8_and_reload(tmp_path):
+    """GPT-2's projections are transformers' Conv1D (weight stored [in, out]), which torch's dynamic int8 does not map:
+    they are turned into the Linear they compute first, so every projection becomes int8, and the model reloads."""
+    folder, shapes = _folder(tmp_path, "gpt2")
+    res = run({"model": {"source": str(folder), "input_shape": shapes}, "stages": [{"quantize": {"method": "dynamic"}}]}, tmp_path / "o")
+    m = res.final.stages[-1]["metrics"]
+    assert m["quantized_layers"] == 2 * 4 and m["cosine"] > 0.99, m          # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    x = (torch.randint(0, 100, (3, 16)), torch.ones(3, 16, dtype=torch.long))
+    reloaded = sources.load(tmp_path / "o").model                                      # rebuilt from the spec and the step
+    with torch.no_grad():
+        a, b = reloaded(*x), res.final.model(*x)
+    a, b = (t[0] if isinstance(t, (tuple, list)) else getattr(t, "last_hidden_state", t) for t in (a, b))
+    assert torch.allclose(a, b, atol=1e-5)

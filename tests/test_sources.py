@@ -17,7 +17,7 @@ from compress.errors import CompressError
 from compress.inputs import InputSpec
 
 from . import models
-from .conftest import ROOT, subprocess_env, python_cmd
+from .conftest import subprocess_env, python_cmd
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -42,7 +42,27 @@ def dynamic_layer_names(model: nn.Module, layers) -> list[str]:
     if unknown:
         raise CompressError(f"cannot dynamically quantize layer type(s) {', '.join(unknown)}", f"Supported: {', '.join(DYNAMIC_LAYERS)}")
     types = tuple(DYNAMIC_LAYERS[l] for l in layers)
-    return [n for n, m in model.named_modules() if n and isinstance(m, types)]
+    return [n for n, m in model.named_modules() if n and (isinstance(m, types) or ("Linear" in layers and is_conv1d(m)))]
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): a Linear whose weight is stored transposed, ``[in, out]``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None and m.weight.dim() == 2
+
+
+def conv1d_as_linear(model: nn.Module) -> nn.Module:
+    """Replace every transformers ``Conv1D`` in ``model`` (in place) by the ``nn.Linear`` it computes, so torch's dynamic
+    int8 (which maps only ``nn.Linear``) quantizes GPT-2's projections; the names stay, so ``exclude`` patterns still match."""
+    for name, m in list(model.named_modules()):
+        if name and is_conv1d(m):
+            n_in, n_out = m.weight.shape
+            linear = nn.Linear(n_in, n_out, bias=m.bias is not None, dtype=m.weight.dtype, device=m.weight.device)
+            with torch.no_grad():
+                linear.weight.copy_(m.weight.t())
+                if m.bias is not None:
+                    linear.bias.copy_(m.bias)
+            _swap(model, name, linear)
+    return model
 
 
 def match_layers(names: list[str], patterns) -> list[str]:
@@ -61,6 +81,8 @@ def quantize_dynamic(model: nn.Module, layers, per_channel: bool, dtype: str, ex
     from torch.ao.quantization.quantization_mappings import get_default_dynamic_quant_module_mappings
 
     dynamic_layer_names(model, layers)  # checks the layer type names
+    if "Linear" in layers:
+        conv1d_as_linear(model)
     if dtype == "float16":
         spec = {DYNAMIC_LAYERS[l]: float16_dynamic_qconfig for l in layers}
     else:

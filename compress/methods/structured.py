@@ -75,9 +75,9 @@ def structured(artifact, config: StructuredConfig, ctx):
         raise CompressError("structured pruning needs a model with a known architecture spec (it is saved as spec + layer shapes)",
                             "Load the model from a state dict with --arch")
     example = tuple(s.example(1) for s in artifact.input_spec)
+    _refuse_transformers(artifact.model)     # first: GPT-2's projections are Conv1D, yet its answer is --method heads
     if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in artifact.model.modules()):
         raise CompressError("the model has no Conv2d or Linear layers to prune structurally", "Use a CNN or MLP, or the magnitude method")
-    _refuse_transformers(artifact.model)
     _refuse_channel_shuffle(artifact.model)
     macs0, params0 = count(tp, artifact.model, example)
     model = copy.deepcopy(artifact.model).eval()
