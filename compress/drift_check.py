@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import durations
 from .drift_labels import read_labels, wilson, write_sample
 from .drift_report import TITLES, write_outputs
 from .errors import CompressError, require
@@ -318,10 +318,13 @@ def over_time(ref: Profile, cur: Profile, window_s: float, alpha: float, permuta
 
 
 def parse_window(text: str) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|min|h|d)?\s*", str(text).lower())
-    if not m or float(m[1]) <= 0:
+    try:
+        value = durations.seconds(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
         raise CompressError(f"--window '{text}' is not a duration", "Give e.g. 30m, 1h or 1d")
-    return float(m[1]) * {"s": 1, None: 1, "m": 60, "min": 60, "h": 3600, "d": 86400}[m[2]]
+    return value
 
 
 # ---------------------------------------------------------------- a served model's log

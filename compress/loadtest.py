@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import durations
 from .errors import CompressError
 from .progress import SILENT, Progress
 from .timing import percentile
@@ -58,10 +59,10 @@ class LoadSettings:
 
 
 def parse_duration(text) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", str(text))
-    if not m:
-        raise CompressError(f"'{text}' is not a duration", "e.g. 20s, 1m or 500ms")
-    value = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    try:
+        value = durations.seconds(text)
+    except ValueError:
+        raise CompressError(f"'{text}' is not a duration", "e.g. 20s, 1m or 500ms") from None
     if value <= 0:
         raise CompressError(f"the duration '{text}' must be positive", "e.g. 20s")
     return value
@@ -212,9 +213,9 @@ def _server_stats(base: str) -> dict | None:
         return None
     vals = {}
     for line in text.splitlines():
-        m = re.match(r"^(compress_batch_size_(?:sum|count)|compress_cache_(?:hits|misses)_total) ([0-9.e+-]+)$", line)
-        if m:
-            vals[m.group(1)] = float(m.group(2))
+        m = re.match(r"^(compress_batch_size_(?:sum|count)|compress_cache_(?:hits|misses)_total)(?:{[^}]*})? ([0-9.e+-]+)$", line)
+        if m:        # summed over labels (cache hits come per level: whole requests and single samples)
+            vals[m.group(1)] = vals.get(m.group(1), 0.0) + float(m.group(2))
     return vals or None
 
 

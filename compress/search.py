@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import yaml
 from .artifact import Artifact, load_run_dir, save
 from .config import option
 from .cpu import has_bf16
+from .durations import seconds
 from .errors import CompressError, is_installed
 from .manifest import Manifest
 from .registry import register
@@ -58,13 +58,6 @@ class OptimizeConfig:
     def __post_init__(self):
         for name in ("time_budget", "candidate_timeout"):
             seconds(getattr(self, name))        # checked when the config is built: validate reports it
-
-
-def seconds(text) -> float:
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|m|h)?\s*", str(text).lower())
-    if not m:
-        raise ValueError(f"'{text}' is not a duration (e.g. 90s, 20m, 1h)")
-    return float(m[1]) * {"s": 1, None: 1, "m": 60, "h": 3600}[m[2]]
 
 
 @dataclass

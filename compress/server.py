@@ -81,8 +81,9 @@ class Metrics:
         self.latency = prom.Histogram("compress_request_duration_seconds", "Time to answer a request", ["endpoint"], buckets=fast, registry=reg)
         self.inference = prom.Histogram("compress_inference_duration_seconds", "Time the model took per batch", buckets=fast, registry=reg)
         self.batch = prom.Histogram("compress_batch_size", "Samples per model call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=reg)
-        self.cache_hits = prom.Counter("compress_cache_hits_total", "Samples answered from the response cache", registry=reg)
-        self.cache_misses = prom.Counter("compress_cache_misses_total", "Samples the cache did not hold", registry=reg)
+        # level: "request" (a whole repeated request answered from its bytes) or "sample" (one input's outputs)
+        self.cache_hits = prom.Counter("compress_cache_hits_total", "Answers from the response cache", ["level"], registry=reg)
+        self.cache_misses = prom.Counter("compress_cache_misses_total", "Samples the cache did not hold", ["level"], registry=reg)
         self.errors = prom.Counter("compress_errors_total", "Requests answered with an error", ["code"], registry=reg)
 
     def exposition(self) -> bytes:
@@ -125,8 +126,8 @@ class Engine:
             got = [self.cache.get(k) if k is not None else None for k in keys]
             hits = sum(g is not None for g in got)
             if self.cache.size:
-                self.metrics.cache_hits.inc(hits)
-                self.metrics.cache_misses.inc(n - hits)
+                self.metrics.cache_hits.labels("sample").inc(hits)
+                self.metrics.cache_misses.labels("sample").inc(n - hits)
             todo = [i for i in range(n) if got[i] is None]
             if todo and self.batcher is not None:
                 done = await asyncio.gather(*(self.batcher.submit(samples[i]) for i in todo))
@@ -252,7 +253,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
             key = hashlib.blake2b(request.url.path.encode() + b"\0" + raw, digest_size=16).digest()
             hit = request_cache.get(key)
             if hit is not None:
-                state["metrics"].cache_hits.inc()
+                state["metrics"].cache_hits.labels("request").inc()
                 return Response(hit, media_type="application/json")
         body = json.dumps(await compute(), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
         if key is not None:

@@ -38,6 +38,40 @@ def test_export_openvino_matches_its_source_and_runs_in_bench(cli, tmp_path):
     assert r.rc == 0, r.err
 
 
+def test_serve_answers_from_an_openvino_ir_as_the_ir_does_run_directly(cli, tmp_path):
+    """The IR behind compress serve (a real server on loopback, batching on): v2 infer equals the IR run directly through
+    OpenVINO's own API on real Fashion-MNIST images, the labels are right as often as the model is, a wrong shape is a 422."""
+    pytest.importorskip("httpx", reason="compress serve needs the serve extra: pip install 'compress[serve]'")
+    import numpy as np
+    import openvino as ov
+
+    from compress.data import load_data
+    from tests.test_serve import Server
+
+    needs_fashion_mnist()
+    out = tmp_path / "ov"
+    assert cli("--quiet", "export", "zoo:fmnist-resnet", "--target", "openvino", "-o", out).rc == 0
+    ev = load_data("fashion-mnist").eval
+    x = np.stack([ev[i][0].numpy() for i in range(16)]).astype(np.float32)
+    labels = np.array([ev[i][1] for i in range(16)])
+    compiled = ov.Core().compile_model(str(out / "model.xml"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    direct = compiled(x)[0]
+    s = Server([out, "--workers", 1, "--max-batch-size", 8, "--max-wait-ms", 5], tmp_path, "ov")
+    try:
+        name = s.get("/v2/models/ov").json()["inputs"][0]["name"]
+        body = {"inputs": [{"name": name, "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
+        r = s.post("/v2/models/ov/infer", json=body)
+        assert r.status_code == 200, r.text
+        got = np.array(r.json()["outputs"][0]["data"], dtype=np.float32).reshape(direct.shape)
+        np.testing.assert_allclose(got, direct, atol=1e-4)
+        assert (got.argmax(1) == labels).mean() >= 0.8
+        body["inputs"][0]["shape"] = [16, 28, 28]
+        assert s.post("/v2/models/ov/infer", json=body).status_code == 422
+        assert s.get("/v2/health/ready").json()["ready"]
+    finally:
+        assert s.stop() == 0, s.output()
+
+
 def test_a_damaged_ir_is_refused_in_one_line(cli, tmp_path):
     needs_fashion_mnist()
     out = tmp_path / "ov"

@@ -246,14 +246,15 @@ def test_a_body_over_the_limit_gets_413_by_length_and_when_streamed(digits):
 
 
 def test_cache_hits_and_metrics_are_summed_over_both_workers(digits):
-    before_hits = digits.metric("compress_cache_hits_total")
+    before_hits = digits.metric("compress_cache_hits_total", level="sample")
     before_ok = digits.metric("compress_requests_total", endpoint="infer", code="200")
     x = _digits_eval(3)[0][2:3]
     for _ in range(12):                                  # a new connection each: both workers get some
         r = digits.post("/v2/models/digits/infer", json=_v2(x))
         assert r.status_code == 200
-    hits = digits.metric("compress_cache_hits_total") - before_hits
+    hits = digits.metric("compress_cache_hits_total", level="sample") - before_hits
     assert hits >= 10, hits                              # each worker misses it once at most
+    assert digits.metric("compress_cache_hits_total", level="request") == 0     # --log-dir keeps whole-request caching off
     assert digits.metric("compress_requests_total", endpoint="infer", code="200") - before_ok == 12
     before_bad = digits.metric("compress_errors_total", code="400")
     assert digits.post("/v2/models/digits/infer", content=b"{").status_code == 400
@@ -347,10 +348,13 @@ def test_raw_text_is_tokenized_by_the_server_batched_and_cached(minilm):
     with torch.no_grad():
         ref = artifact.model(enc["input_ids"], enc["attention_mask"])
     np.testing.assert_allclose(one[0].json()["outputs"], ref[0].numpy(), atol=1e-4)
-    hits = minilm.metric("compress_cache_hits_total")
-    assert hits >= 3                                     # the batch of three repeated the single texts
-    again = minilm.post("/predict", json={"text": texts[0]})     # the same request: answered from the cache, unparsed
-    assert again.content == one[0].content and minilm.metric("compress_cache_hits_total") == hits + 1
+    samples = minilm.metric("compress_cache_hits_total", level="sample")
+    requests = minilm.metric("compress_cache_hits_total", level="request")
+    assert samples >= 3                                  # the batch of three (a new request) repeated the single texts
+    again = minilm.post("/predict", json={"text": texts[0]})     # the same request: answered from its bytes, unparsed
+    assert again.content == one[0].content
+    assert minilm.metric("compress_cache_hits_total", level="request") == requests + 1
+    assert minilm.metric("compress_cache_hits_total", level="sample") == samples
     r = minilm.post("/predict", json={"texts": "not a list"})
     assert r.status_code == 422 and "list" in r.json()["error"]
     r = minilm.post("/predict", json={"text": 42})
