@@ -235,6 +235,7 @@ Examples:
   compress optimize zoo:fmnist-resnet --data fashion-mnist -o runs/opt
   compress optimize zoo:mobilenet_v2 --data photos --min-fidelity 0.95 --no-training -o runs/opt-mnv2
   compress optimize zoo:minilm-l6 --data rotten-tomatoes --max-accuracy-drop 1 --time-budget 1h -o runs/opt-text
+  compress optimize zoo:fmnist-resnet --data fashion-mnist --ray auto -o runs/opt   (candidates made on the Ray cluster)
 Exit codes: 0 the budget was met, 3 it was not (the closest candidate is still written), 1 an error.
 """)
 @click.argument("source")
@@ -249,19 +250,21 @@ Exit codes: 0 the budget was met, 3 it was not (the closest candidate is still w
 @click.option("--time-budget", help="Wall time for the whole search, e.g. 90s, 20m, 1h [default: 20m].")
 @click.option("--no-training", is_flag=True, help="Only recipes that do not train (exports, post-training quantization).")
 @click.option("--teacher", help="Teacher SOURCE for the training recipes [default: SOURCE].")
+@click.option("--ray", "ray_address", metavar="local|auto|ADDRESS",
+              help="Make the candidates as tasks on a Ray cluster ('local' starts one here); timing stays on this machine.")
 @SET_OPTION
 @OUT_OPTION
 @click.option("--resume", is_flag=True, help="Reuse finished candidates and stages (a rerun reuses finished candidates anyway).")
 @global_flags
 def optimize(source, data, max_accuracy_drop, min_fidelity, device, batch_size, threads, objective, time_budget, no_training, teacher,
-             sets, out, resume, **model):
+             ray_address, sets, out, resume, **model):
     """Measure the recipes that fit SOURCE and keep the fastest artifact within the accuracy budget, on this device.
 
     OUT holds the pick as a run directory, search.json (every candidate), report.html (the Pareto plot) and recipe.yaml.
     """
     opts = {"max_accuracy_drop": max_accuracy_drop, "min_fidelity": min_fidelity, "device": device, "batch_size": batch_size,
             "threads": threads, "objective": objective, "time_budget": time_budget, "training": False if no_training else None,
-            "teacher": teacher, **_sets(sets)}
+            "teacher": teacher, "ray": ray_address, **_sets(sets)}
     result = _run_one("optimize", _model_doc(source, **model), opts, data, out, resume, show=False)
     metrics = result.final.stages[-1].get("metrics", {})
     if not _flags().quiet:

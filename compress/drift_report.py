@@ -280,7 +280,10 @@ def html(report) -> str:
              tab(TEST_HEADERS, test_rows(report))]
     parts += [f"<p>{escape(line)}</p>" for line in accuracy_lines(report)]
     if report.windows:
-        parts.append(f"<h2>Per window of {_duration(report.window_s)}</h2>" + tab(window_headers(report), window_rows(report)))
+        tested = [w for w in report.windows if "alpha" in w]
+        why = (f"<p>Each of the {len(tested)} windows tested is judged at alpha {tested[0]['alpha']:.4g} (alpha / windows, and again "
+               f"over its tests), so unchanged traffic raises no more false alarms than one test would.</p>") if tested else ""
+        parts.append(f"<h2>Per window of {_duration(report.window_s)}</h2>" + why + tab(window_headers(report), window_rows(report)))
     if report.warnings:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(w)}</li>" for w in report.warnings) + "</ul>")
     try:

@@ -54,6 +54,8 @@ class OptimizeConfig:
     eval_limit: int = option(1000, "held-out samples each candidate is scored on", range=(16, 1_000_000))
     timing_budget_s: float = option(1.0, "timed seconds per candidate in the final interleaved measurement", range=(0.05, 60.0))
     only: tuple[str, ...] = option((), "try only the recipes whose name holds one of these words (e.g. int8, onnx, prune)")
+    ray: str | None = option(None, "make the candidates (training, export, quantization) as tasks on a Ray cluster: 'local' starts "
+                                   "one here, 'auto' joins the running one, or its address; every timing still runs on this machine")
 
     def __post_init__(self):
         for name in ("time_budget", "candidate_timeout"):
@@ -70,13 +72,14 @@ class Candidate:
     path: Path | None = None                 # its finished run directory
     probe: dict = field(default_factory=dict)  # its quick measurement right after it was made
     row: dict = field(default_factory=dict)  # its row in the final, interleaved measurement
+    where: str = "here"                      # "ray" when --ray made it on a Ray worker
 
     def record(self) -> dict:
         r = self.row
         m = r.get("metrics", {})
         return {"recipe": self.name, "stages": self.stages, "p50_ms": r.get("p50_ms"), "p90_ms": r.get("p90_ms"), "p99_ms": r.get("p99_ms"),
                 "throughput_per_s": r.get("throughput_per_s"), "size_bytes": r.get("size_bytes"), "accuracy": m.get("accuracy"),
-                "fidelity": _fidelity(m), "seconds": self.seconds, "error": self.error}
+                "fidelity": _fidelity(m), "seconds": self.seconds, "error": self.error, "made_on": self.where}
 
 
 def _fidelity(m: dict) -> float | None:
@@ -220,6 +223,42 @@ def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeo
     cand.path = cached
 
 
+def make_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeout, work: Path) -> None:
+    """Make one candidate (``timeout()``: the seconds it may take). A training candidate's training (its stages up to the last
+    distill) is its own cached run, so candidates that train the same way and differ in what follows (onnxruntime int8,
+    OpenVINO int8, fp32) train once."""
+    cut = max((i for i, st in enumerate(cand.stages) if "distill" in st), default=-1) + 1
+    if not cand.training or cut in (0, len(cand.stages)):
+        _run_candidate(cand, input_dir, data, seed, timeout(), work)
+        return
+    head = Candidate(f"{cand.name} (training)", cand.stages[:cut], training=True)
+    _run_candidate(head, input_dir, data, seed, timeout(), work)
+    if head.path is None:
+        cand.error, cand.seconds = head.error, head.seconds
+        return
+    tail = Candidate(cand.name, cand.stages[cut:])
+    _run_candidate(tail, head.path, data, seed, timeout(), work)
+    cand.path, cand.error = tail.path, tail.error
+    cand.seconds = round((head.seconds or 0) + (tail.seconds or 0), 1)
+
+
+def make_isolated(name: str, stages: list, training: bool, input_dir: Path, data: str, seed: int, timeout: float,
+                  root: Path) -> tuple[str | None, float | None, Path]:
+    """Make one candidate with ``root/cache`` as the candidate cache (a Ray task's scratch): its error, its seconds, and the
+    folder its run directories are in."""
+    before = os.environ.get("COMPRESS_CACHE_DIR")
+    os.environ["COMPRESS_CACHE_DIR"] = str(root / "cache")
+    try:
+        cand, deadline = Candidate(name, stages, training=training), time.perf_counter() + timeout
+        make_candidate(cand, input_dir, data, seed, lambda: max(1.0, deadline - time.perf_counter()), root)
+        return cand.error, cand.seconds, _cache_root()
+    finally:
+        if before is None:
+            os.environ.pop("COMPRESS_CACHE_DIR", None)
+        else:
+            os.environ["COMPRESS_CACHE_DIR"] = before
+
+
 # ---------------------------------------------------------------- the search
 RUNG_EPOCHS = (1, 3)   # training candidates: one epoch first; the fastest half still missing the budget get three
 DOMINATED = 1.05       # an architecture this much slower than a candidate already within the budget cannot win
@@ -246,18 +285,22 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
                                 "Leave 'only' out, or pick words from the recipe names in a search.json")
     with ctx.progress.task("optimize", len(cands)) as task:
         search.task = task
-        for cand in [c for c in cands if not c.training]:          # cheap first: exports, post-training quantization
+        cheap, trained = [c for c in cands if not c.training], [c for c in cands if c.training]
+        search.premake(cheap)
+        for cand in cheap:                                          # cheap first: exports, post-training quantization
             search.make(cand)
-        trained = [c for c in cands if c.training]
+        search.premake([p for c in trained for p in (_trained(c, None, f"{c.name} (architecture)", steps=1),
+                                                        _trained(c, RUNG_EPOCHS[0], c.name))])
         for cand in trained:
             search.train(cand)
         # successive halving: the fastest half of the trained candidates still short of the budget train longer
         short = sorted((c for c in trained if c.probe and not search.fits(c.probe)), key=lambda c: c.probe["p50_ms"])
-        for cand in short[: (len(short) + 1) // 2]:
-            longer = _trained(cand, RUNG_EPOCHS[1], f"{cand.name}, {RUNG_EPOCHS[1]} epochs")
-            cands.append(longer)
+        longer = [_trained(c, RUNG_EPOCHS[1], f"{c.name}, {RUNG_EPOCHS[1]} epochs") for c in short[: (len(short) + 1) // 2]]
+        search.premake(longer)
+        for cand in longer:
+            cands.append(cand)
             task.advance(0, "")
-            search.make(longer)
+            search.make(cand)
     done = [c for c in cands if c.path is not None and c.probe]
     if not done:
         raise CompressError("no candidate finished: " + "; ".join(f"{c.name}: {c.error}" for c in cands[:3]),
@@ -322,6 +365,7 @@ class _Search:
         self.floor: tuple[float, str] | None = None
         self.best: Candidate | None = None
         self.task = None
+        self.premade: dict[str, tuple[str | None, float | None]] = {}    # made on Ray: name -> (error, seconds)
 
     def left(self) -> float:
         return self.deadline - time.perf_counter()
@@ -343,22 +387,22 @@ class _Search:
         self._show("")
 
     def _run(self, cand: Candidate) -> None:
-        """Run one candidate. A training candidate's training (its stages up to the last distill) is its own cached run, so
-        candidates that train the same way and differ in what follows (onnxruntime int8, OpenVINO int8, fp32) train once."""
+        if cand.name in self.premade:          # made on Ray: a success is in the cache (found there), a failure is final
+            cand.error, cand.seconds, cand.where = *self.premade.pop(cand.name), "ray"
+            if cand.error:
+                return
         timeout = lambda: min(seconds(self.config.candidate_timeout), self.left())  # noqa: E731
-        cut = max((i for i, st in enumerate(cand.stages) if "distill" in st), default=-1) + 1
-        if not cand.training or cut in (0, len(cand.stages)):
-            _run_candidate(cand, self.input_dir, self.ctx.data_spec, self.ctx.seed, timeout(), self.work)
-            return
-        head = Candidate(f"{cand.name} (training)", cand.stages[:cut], training=True)
-        _run_candidate(head, self.input_dir, self.ctx.data_spec, self.ctx.seed, timeout(), self.work)
-        if head.path is None:
-            cand.error, cand.seconds = head.error, head.seconds
-            return
-        tail = Candidate(cand.name, cand.stages[cut:])
-        _run_candidate(tail, head.path, self.ctx.data_spec, self.ctx.seed, timeout(), self.work)
-        cand.path, cand.error = tail.path, tail.error
-        cand.seconds = round((head.seconds or 0) + (tail.seconds or 0), 1)
+        make_candidate(cand, self.input_dir, self.ctx.data_spec, self.ctx.seed, timeout, self.work)
+
+    def premake(self, cands: list[Candidate]) -> None:
+        """With --ray: make ``cands`` as Ray tasks, in parallel, before the search takes them one by one (and only times them)."""
+        if self.config.ray and cands and self.left() > 30:
+            from .search_ray import make_on_ray
+
+            self._show(f"making {len(cands)} candidates on Ray")
+            timeout = min(seconds(self.config.candidate_timeout), self.left())
+            self.premade.update(make_on_ray(make_isolated, cands, self.input_dir, self.ctx.data_spec, self.ctx.seed, timeout,
+                                            self.config.ray, _cache_root()))
 
     def train(self, cand: Candidate) -> None:
         """A training candidate: its architecture first (one training step), dropped when it is no faster than a candidate

@@ -187,8 +187,9 @@ def test_a_served_log_is_tested_per_window(cli, fm, tmp_path, monkeypatch):
     assert first["samples"] == 200 and not first["drifted"] and first["estimated_accuracy"] > 0.85
     assert second["drifted"] and all(t["drifted"] for t in second["tests"].values()) and second["estimated_accuracy"] < 0.5
     assert third["samples"] == 10 and "only 10 samples" in third["skipped"]
+    assert first["alpha"] == second["alpha"] == pytest.approx(doc["alpha"] / 2)     # Bonferroni over the 2 windows tested
     assert "skipped 1 unreadable line" in r.err and "window 3 was not tested" in r.err
-    assert "Per window of 1 h" in (tmp_path / "log.html").read_text()
+    assert "Per window of 1 h" in (tmp_path / "log.html").read_text() and "Each of the 2 windows tested" in (tmp_path / "log.html").read_text()
 
 
 # ---------------------------------------------------------------- a text model

@@ -168,3 +168,30 @@ def test_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, args, message):
     r = cli("optimize", *args, "-o", out)
     assert r.rc == 1 and len(r.err_lines) == 1 and message in r.err, r.err
     assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_candidates_made_as_ray_tasks_come_back_and_are_timed_here(tmp_path):
+    """--ray local: the candidates are made on a local Ray instance's workers (each in a scratch cache of its own), their
+    run directories come back packed into this machine's cache with checksums intact, and the search times and scores them here."""
+    pytest.importorskip("ray", reason="optimize --ray needs the ray extra: pip install 'compress[ray]'")
+    needs_fashion_mnist()
+    out, cache = tmp_path / "opt", tmp_path / "cache"
+    cmd = [sys.executable, "-c", "import sys, cli; sys.exit(cli.main(sys.argv[1:]))", "optimize", "zoo:fmnist-resnet", *FAST,
+           "-s", "only=onnx fp32,entropy", "--ray", "local", "-o", str(out)]
+    env = subprocess_env() | {"COMPRESS_CACHE_DIR": str(cache), "RAY_ADDRESS": ""}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = _search(out)
+    assert len(s["candidates"]) >= 2 and all(c["made_on"] == "ray" for c in s["candidates"]), s["candidates"]
+    made = [c for c in s["candidates"] if c["error"] is None]
+    assert made and all(c["p50_ms"] and c["accuracy"] and c["seconds"] for c in made), made
+    assert len(list(cache.glob("optimize/*/manifest.json"))) >= len(made) and not list(cache.glob("optimize/.*.ray"))
+    assert json.loads((out / "manifest.json").read_text())["stages"][-1]["metrics"]["picked"] == s["picked"]
+
+
+def test_a_ray_cluster_that_cannot_be_reached_is_one_line(cli, tmp_path):
+    pytest.importorskip("ray", reason="optimize --ray needs the ray extra: pip install 'compress[ray]'")
+    needs_fashion_mnist()
+    r = cli("optimize", "zoo:fmnist-resnet", *FAST, "--ray", "127.0.0.1:9", "-o", tmp_path / "opt")
+    assert r.rc == 1 and len(r.err_lines) == 1 and "cannot reach a Ray cluster at '127.0.0.1:9'" in r.err, r.err
+    assert not (tmp_path / "opt").exists()
