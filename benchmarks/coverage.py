@@ -151,7 +151,9 @@ def write_table(cells: list[dict], out: Path, machine: dict, merge: bool = False
         old = json.loads((out / "coverage.json").read_text())
         cells = [c for c in old["cells"] if (c["model"], c["step"]) not in ran] + cells
         cells.sort(key=lambda c: (list(MODELS).index(c["model"]) if c["model"] in MODELS else 99, STEPS.index(c["step"])))
-        machine = {**machine, "commit": f"{old['machine'].get('commit')} + {machine['commit']} (merged)"}
+        merged = f"{machine['commit']} (merged)"
+        before = str(old["machine"].get("commit"))
+        machine = {**machine, "commit": before if before.endswith(merged) else f"{before} + {merged}"}
     (out / "coverage.json").write_text(json.dumps({"machine": machine, "cells": cells}, indent=2) + "\n")
     counts = {k: sum(c["outcome"] == k for c in cells) for k in ("pass", "refused", "failure", "n/a")}
     mark = {"pass": "pass", "refused": "refused", "failure": "**FAIL**", "n/a": "—"}

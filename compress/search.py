@@ -289,8 +289,12 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
         search.premake(cheap)
         for cand in cheap:                                          # cheap first: exports, post-training quantization
             search.make(cand)
-        search.premake([p for c in trained for p in (_trained(c, None, f"{c.name} (architecture)", steps=1),
-                                                        _trained(c, RUNG_EPOCHS[0], c.name))])
+        qat = _qat(cheap, search, artifact, config, bundle.labelled)      # post-training int8 missed: train for int8
+        if qat is not None:
+            cands.append(qat)
+            trained += [qat] if qat.error is None else []
+        search.premake([*(_trained(c, None, f"{c.name} (architecture)", steps=1) for c in trained if _distills(c)),
+                        *(_trained(c, RUNG_EPOCHS[0], c.name) for c in trained)])
         for cand in trained:
             search.train(cand)
         # successive halving: the fastest half of the trained candidates still short of the budget train longer
@@ -346,10 +350,37 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
 
 
 def _trained(cand: Candidate, epochs: int | None, name: str, steps: int | None = None) -> Candidate:
-    """The candidate with its distillation given another training budget (``steps`` overrides epochs)."""
+    """The candidate with its training given another budget: its distillation's (``steps`` overrides epochs), or its QAT's epochs."""
     budget = {"steps": steps, "eval_limit": 16} if steps else {"epochs": epochs}
-    stages = [{k: ({**v, **budget} if k == "distill" else v) for k, v in st.items()} for st in cand.stages]
+
+    def given(k: str, v):
+        if k == "distill":
+            return {**v, **budget}
+        return {**v, "epochs": epochs} if k == "quantize" and v.get("method") == "qat" and epochs else v
+    stages = [{k: given(k, v) for k, v in st.items()} for st in cand.stages]
     return Candidate(name, stages, training=True)
+
+
+def _distills(cand: Candidate) -> bool:
+    return any("distill" in st for st in cand.stages)
+
+
+def _qat(cheap: list[Candidate], search: "_Search", artifact: Artifact, config: OptimizeConfig, labelled: bool) -> Candidate | None:
+    """Quantization-aware training, when post-training static int8 missed the budget: only once every static int8 candidate
+    has been measured short of it. Its int8 graph is the one PT2E static int8 made, so its speed is known before it
+    trains: no faster than a candidate already within the budget, it is dropped untrained."""
+    ptq = [c for c in cheap if "int8 static" in c.name and c.probe]
+    if not (config.training and labelled and artifact.format == "torch" and ptq) or any(search.fits(c.probe) for c in ptq):
+        return None
+    cand = Candidate("qat int8 (PT2E QAT, AOTInductor)", [{"quantize": {"method": "qat"}}], training=True)
+    if config.only and not any(w.lower() in cand.name.lower() for w in config.only):
+        return None
+    like = next((c for c in ptq if "PT2E" in c.name), None)
+    best = search.best
+    if like is not None and best is not None and like.probe["p50_ms"] > best.probe["p50_ms"] * DOMINATED:
+        cand.error = (f"dropped before training: its int8 graph is the PT2E one ({like.probe['p50_ms']:.3f} ms), no faster than "
+                      f"{best.name} ({best.probe['p50_ms']:.3f} ms) which already keeps the budget")
+    return cand
 
 
 class _Search:
@@ -407,7 +438,7 @@ class _Search:
     def train(self, cand: Candidate) -> None:
         """A training candidate: its architecture first (one training step), dropped when it is no faster than a candidate
         already within the budget (more training changes its accuracy, never its speed); then its first rung of epochs."""
-        if self.best is not None and self.left() > 30:
+        if self.best is not None and self.left() > 30 and _distills(cand):      # (QAT's speed is known already: see _qat)
             probe = _trained(cand, None, f"{cand.name} (architecture)", steps=1)
             self.make(probe, count=False)
             if probe.probe and probe.probe["p50_ms"] > self.best.probe["p50_ms"] * DOMINATED:

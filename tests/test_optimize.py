@@ -151,6 +151,33 @@ def test_a_training_candidate_no_faster_than_one_already_within_the_budget_is_dr
     assert _search(out)["picked"] == int8.name
 
 
+def test_qat_is_tried_only_when_post_training_int8_misses_and_dropped_when_its_int8_graph_is_no_faster(cli, tmp_path, monkeypatch):
+    """Post-training static int8 measured short of the budget brings in QAT; its graph is the PT2E one, timed already, so
+    where that is no faster than a candidate within the budget QAT is dropped untrained, with the reason."""
+    needs_fashion_mnist()
+    fp32 = search.Candidate("onnx fp32", [{"export": {"target": "onnx"}}])
+    pt2e = search.Candidate("torch int8 static (PT2E, AOTInductor)", [{"quantize": {"method": "static", "backend": "torch"}}])
+    monkeypatch.setattr(search, "recipes", lambda *a, **k: [fp32, pt2e])
+    real_fits = search._Search.fits
+    monkeypatch.setattr(search._Search, "fits", lambda self, row: "int8" not in row.get("label", "") and real_fits(self, row))
+    monkeypatch.setattr(search, "DOMINATED", 0.0)          # the rule, not this CPU's timing (as in the test above)
+    out = tmp_path / "opt"
+    r = cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "eval_limit=500", "-s", "timing_budget_s=0.5", "-o", out)
+    assert r.rc == 0, r.err
+    by = {c["recipe"]: c for c in _search(out)["candidates"]}
+    qat = by["qat int8 (PT2E QAT, AOTInductor)"]
+    assert qat["error"].startswith("dropped before training: its int8 graph is the PT2E one") and qat["p50_ms"] is None, qat
+    assert qat["stages"] == [{"quantize": {"method": "qat"}}]
+    # its rungs set QAT's own epochs, as they set distillation's
+    assert search._trained(search.Candidate("q", qat["stages"], training=True), 3, "q").stages == [{"quantize": {"method": "qat", "epochs": 3}}]
+    # with labels and the budget kept by post-training int8, QAT is not brought in at all
+    monkeypatch.setattr(search._Search, "fits", real_fits)
+    out2 = tmp_path / "opt2"
+    assert cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "eval_limit=500", "-s", "timing_budget_s=0.5",
+               "--max-accuracy-drop", "5", "-o", out2).rc == 0
+    assert not any("qat" in c["recipe"] for c in _search(out2)["candidates"])
+
+
 def test_only_matching_no_recipe_is_one_line(cli, tmp_path):
     needs_fashion_mnist()
     r = cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "only=nothing-like-this", "-o", tmp_path / "opt")
