@@ -180,9 +180,9 @@ def command(pipeline: Path, out: Path) -> list[str]:
     return [sys.executable, "-c", "import sys, cli; sys.exit(cli.main(sys.argv[1:]))", "--quiet", "--force", "run", str(pipeline), "-o", str(out)]
 
 
-def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeout: float, work: Path) -> None:
+def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeout: float, work: Path, cache: Path | None = None) -> None:
     """Run one candidate as its own ``compress run`` process; its run directory is cached by input and recipe."""
-    cached = _cache_root() / _key(input_dir, cand, data, seed)
+    cached = (cache or _cache_root()) / _key(input_dir, cand, data, seed)
     if (cached / "manifest.json").is_file():
         try:
             Manifest.read(cached).verify(cached)
@@ -223,40 +223,32 @@ def _run_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeo
     cand.path = cached
 
 
-def make_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeout, work: Path) -> None:
-    """Make one candidate (``timeout()``: the seconds it may take). A training candidate's training (its stages up to the last
-    distill) is its own cached run, so candidates that train the same way and differ in what follows (onnxruntime int8,
-    OpenVINO int8, fp32) train once."""
+def make_candidate(cand: Candidate, input_dir: Path, data: str, seed: int, timeout, work: Path, cache: Path | None = None) -> None:
+    """Make one candidate (``timeout()``: the seconds it may take) into ``cache`` (default: the candidate cache). A training
+    candidate's training (its stages up to the last distill) is its own cached run, so candidates that train the same way
+    and differ in what follows (onnxruntime int8, OpenVINO int8, fp32) train once."""
     cut = max((i for i, st in enumerate(cand.stages) if "distill" in st), default=-1) + 1
     if not cand.training or cut in (0, len(cand.stages)):
-        _run_candidate(cand, input_dir, data, seed, timeout(), work)
+        _run_candidate(cand, input_dir, data, seed, timeout(), work, cache)
         return
     head = Candidate(f"{cand.name} (training)", cand.stages[:cut], training=True)
-    _run_candidate(head, input_dir, data, seed, timeout(), work)
+    _run_candidate(head, input_dir, data, seed, timeout(), work, cache)
     if head.path is None:
         cand.error, cand.seconds = head.error, head.seconds
         return
     tail = Candidate(cand.name, cand.stages[cut:])
-    _run_candidate(tail, head.path, data, seed, timeout(), work)
+    _run_candidate(tail, head.path, data, seed, timeout(), work, cache)
     cand.path, cand.error = tail.path, tail.error
     cand.seconds = round((head.seconds or 0) + (tail.seconds or 0), 1)
 
 
 def make_isolated(name: str, stages: list, training: bool, input_dir: Path, data: str, seed: int, timeout: float,
                   root: Path) -> tuple[str | None, float | None, Path]:
-    """Make one candidate with ``root/cache`` as the candidate cache (a Ray task's scratch): its error, its seconds, and the
-    folder its run directories are in."""
-    before = os.environ.get("COMPRESS_CACHE_DIR")
-    os.environ["COMPRESS_CACHE_DIR"] = str(root / "cache")
-    try:
-        cand, deadline = Candidate(name, stages, training=training), time.perf_counter() + timeout
-        make_candidate(cand, input_dir, data, seed, lambda: max(1.0, deadline - time.perf_counter()), root)
-        return cand.error, cand.seconds, _cache_root()
-    finally:
-        if before is None:
-            os.environ.pop("COMPRESS_CACHE_DIR", None)
-        else:
-            os.environ["COMPRESS_CACHE_DIR"] = before
+    """Make one candidate with ``root/cache`` as its candidate cache (a Ray task's scratch): its error, its seconds, and
+    that folder, which holds every run directory it made."""
+    cand, deadline, cache = Candidate(name, stages, training=training), time.perf_counter() + timeout, root / "cache"
+    make_candidate(cand, input_dir, data, seed, lambda: max(1.0, deadline - time.perf_counter()), root, cache)
+    return cand.error, cand.seconds, cache
 
 
 # ---------------------------------------------------------------- the search
@@ -279,7 +271,7 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
     search = _Search(artifact, config, ctx, input_dir, work, started + seconds(config.time_budget))
     cands = recipes(artifact, config, bundle.labelled, ctx.data_spec)
     if config.only:
-        cands = [c for c in cands if any(w.lower() in c.name.lower() for w in config.only)]
+        cands = [c for c in cands if _wanted(c, config)]
         if not cands:
             raise CompressError(f"no recipe for this model matches only={','.join(config.only)}",
                                 "Leave 'only' out, or pick words from the recipe names in a search.json")
@@ -361,6 +353,11 @@ def _trained(cand: Candidate, epochs: int | None, name: str, steps: int | None =
     return Candidate(name, stages, training=True)
 
 
+def _wanted(cand: Candidate, config: OptimizeConfig) -> bool:
+    """Whether ``only`` (words of recipe names; none: every recipe) lets ``cand`` in."""
+    return not config.only or any(w.lower() in cand.name.lower() for w in config.only)
+
+
 def _distills(cand: Candidate) -> bool:
     return any("distill" in st for st in cand.stages)
 
@@ -373,7 +370,7 @@ def _qat(cheap: list[Candidate], search: "_Search", artifact: Artifact, config: 
     if not (config.training and labelled and artifact.format == "torch" and ptq) or any(search.fits(c.probe) for c in ptq):
         return None
     cand = Candidate("qat int8 (PT2E QAT, AOTInductor)", [{"quantize": {"method": "qat"}}], training=True)
-    if config.only and not any(w.lower() in cand.name.lower() for w in config.only):
+    if not _wanted(cand, config):
         return None
     like = next((c for c in ptq if "PT2E" in c.name), None)
     best = search.best
