@@ -408,7 +408,7 @@ def fmnist_suite(s: Settings) -> dict:
     s.log("fmnist: compress optimize")
     model = compress.load(model_doc["source"], arch=model_doc.get("arch"), arch_args=model_doc.get("arch_args"),
                           input_shape=model_doc.get("input_shape", ()))
-    mine = optimize_candidate(model, "fashion-mnist", search_options(s, max_accuracy_drop=ACC_BAR * 100, time_budget="30m"),
+    mine = optimize_candidate(model, "fashion-mnist", search_options(s, max_accuracy_drop=ACC_BAR * 100, time_budget="30m", eval_limit=len(xt)),
                               s.work / "fmnist-compress", s, notes)
     s.log("fmnist: peers")
     theirs = peers.cnn_peers(teacher, b1[0], calib, s.work / "fmnist-peers", s.log)

@@ -252,7 +252,7 @@ def make_isolated(name: str, stages: list, training: bool, input_dir: Path, data
 
 
 # ---------------------------------------------------------------- the search
-RUNG_EPOCHS = (1, 3)   # training candidates: one epoch first; the fastest half still missing the budget get three
+RUNG_EPOCHS = (1, 3, 9)   # training candidates: one epoch first; the fastest half still missing the budget get three, then nine
 DOMINATED = 1.05       # an architecture this much slower than a candidate already within the budget cannot win
 
 
@@ -281,6 +281,10 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
         search.premake(cheap)
         for cand in cheap:                                          # cheap first: exports, post-training quantization
             search.make(cand)
+        for cand in _mixed(cheap, search, config):                  # int8 missed: its most sensitive layers in float
+            cands.append(cand)
+            task.advance(0, "")
+            search.make(cand)
         qat = _qat(cheap, search, artifact, config, bundle.labelled)      # post-training int8 missed: train for int8
         if qat is not None:
             cands.append(qat)
@@ -289,14 +293,27 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
                         *(_trained(c, RUNG_EPOCHS[0], c.name) for c in trained)])
         for cand in trained:
             search.train(cand)
-        # successive halving: the fastest half of the trained candidates still short of the budget train longer
-        short = sorted((c for c in trained if c.probe and not search.fits(c.probe)), key=lambda c: c.probe["p50_ms"])
-        longer = [_trained(c, RUNG_EPOCHS[1], f"{c.name}, {RUNG_EPOCHS[1]} epochs") for c in short[: (len(short) + 1) // 2]]
-        search.premake(longer)
-        for cand in longer:
-            cands.append(cand)
-            task.advance(0, "")
-            search.make(cand)
+        # successive halving: the fastest half of the trained candidates still short of the budget (and still faster than
+        # the best within it) train longer, rung after rung, while the time left allows the next rung
+        rung, first = trained, {c.name: c for c in trained}
+        for before, epochs in zip(RUNG_EPOCHS, RUNG_EPOCHS[1:]):
+            short = sorted((c for c in rung if c.probe and not search.fits(c.probe) and not search.dominated(c.probe)),
+                           key=lambda c: c.probe["p50_ms"])
+            rung = []
+            for c in short[: (len(short) + 1) // 2]:
+                origin = first.get(c.name, c)
+                longer = _trained(origin, epochs, f"{origin.name}, {epochs} epochs")
+                first[longer.name] = origin
+                need = (c.seconds or 0) * epochs / before
+                if need > search.left() - 30:
+                    longer.error = f"skipped: {epochs} epochs would take about {need:.0f} s and {max(0, search.left()):.0f} s are left"
+                cands.append(longer)
+                rung.append(longer)
+            todo = [c for c in rung if c.error is None]
+            search.premake(todo)
+            for cand in todo:
+                task.advance(0, "")
+                search.make(cand)
     done = [c for c in cands if c.path is not None and c.probe]
     if not done:
         raise CompressError("no candidate finished: " + "; ".join(f"{c.name}: {c.error}" for c in cands[:3]),
@@ -362,6 +379,33 @@ def _distills(cand: Candidate) -> bool:
     return any("distill" in st for st in cand.stages)
 
 
+MIXED_SHARES = (0.1, 0.2, 0.35)   # mixed precision: the shares of layers kept in float, tried in turn until the budget holds
+
+
+def _mixed(cheap: list[Candidate], search: "_Search", config: OptimizeConfig):
+    """Mixed precision, when onnxruntime's static int8 missed the budget: the layers int8 hurts most (measured on the
+    calibration data) kept in float, a larger share each time, until one holds the budget — or until more float can only
+    be slower than a candidate already within it."""
+    ptq = [c for c in cheap if c.name.startswith("onnx int8 static") and c.probe]
+    if not ptq or any(search.fits(c.probe) for c in ptq):
+        return
+    base = next((c for c in ptq if c.name == "onnx int8 static"), ptq[0])
+    for share in MIXED_SHARES:
+        quantize = {**base.stages[-1]["quantize"], "float_layers": share}
+        cand = Candidate(_mixed_name(share), [*base.stages[:-1], {"quantize": quantize}])
+        if not _wanted(cand, config):
+            return
+        yield cand
+        if not cand.probe or search.fits(cand.probe):
+            return
+        if search.dominated(cand.probe):
+            return                    # already no faster than a candidate within the budget: more float only slows it
+
+
+def _mixed_name(share: float) -> str:
+    return f"onnx int8 static, the {share:.0%} of layers int8 hurts most in float"
+
+
 def _qat(cheap: list[Candidate], search: "_Search", artifact: Artifact, config: OptimizeConfig, labelled: bool) -> Candidate | None:
     """Quantization-aware training, when post-training static int8 missed the budget: only once every static int8 candidate
     has been measured short of it. Its int8 graph is the one PT2E static int8 made, so its speed is known before it
@@ -374,7 +418,7 @@ def _qat(cheap: list[Candidate], search: "_Search", artifact: Artifact, config: 
         return None
     like = next((c for c in ptq if "PT2E" in c.name), None)
     best = search.best
-    if like is not None and best is not None and like.probe["p50_ms"] > best.probe["p50_ms"] * DOMINATED:
+    if like is not None and search.dominated(like.probe):
         cand.error = (f"dropped before training: its int8 graph is the PT2E one ({like.probe['p50_ms']:.3f} ms), no faster than "
                       f"{best.name} ({best.probe['p50_ms']:.3f} ms) which already keeps the budget")
     return cand
@@ -401,6 +445,10 @@ class _Search:
     def fits(self, row: dict) -> bool:
         q = _quality(row, self.floor[1]) if self.floor else None
         return q is not None and q >= self.floor[0]
+
+    def dominated(self, row: dict) -> bool:
+        """No faster than a candidate already within the budget: training it longer cannot make it the pick."""
+        return self.best is not None and row["p50_ms"] > self.best.probe["p50_ms"] * DOMINATED
 
     def make(self, cand: Candidate, count: bool = True) -> None:
         if self.left() <= 30:
@@ -438,7 +486,7 @@ class _Search:
         if self.best is not None and self.left() > 30 and _distills(cand):      # (QAT's speed is known already: see _qat)
             probe = _trained(cand, None, f"{cand.name} (architecture)", steps=1)
             self.make(probe, count=False)
-            if probe.probe and probe.probe["p50_ms"] > self.best.probe["p50_ms"] * DOMINATED:
+            if probe.probe and self.dominated(probe.probe):
                 cand.error = (f"dropped before training: its architecture runs in {probe.probe['p50_ms']:.3f} ms, no faster than "
                               f"{self.best.name} ({self.best.probe['p50_ms']:.3f} ms) which already keeps the budget")
                 if self.task is not None:

@@ -178,6 +178,49 @@ def test_qat_is_tried_only_when_post_training_int8_misses_and_dropped_when_its_i
     assert not any("qat" in c["recipe"] for c in _search(out2)["candidates"])
 
 
+def test_int8_that_misses_the_budget_brings_in_mixed_precision_until_it_holds(cli, tmp_path, monkeypatch):
+    """onnxruntime static int8 measured short of the budget: the share of its layers int8 hurts most kept in float grows
+    until a candidate holds the budget, and stops there."""
+    needs_fashion_mnist()
+    int8 = search.Candidate("onnx int8 static", [{"quantize": {"method": "static", "backend": "onnxruntime"}}])
+    monkeypatch.setattr(search, "recipes", lambda *a, **k: [search.Candidate("onnx fp32", [{"export": {"target": "onnx"}}]), int8])
+    real_fits = search._Search.fits
+    misses = {"onnx int8 static", search._mixed_name(search.MIXED_SHARES[0])}      # all int8, and the smallest share
+    monkeypatch.setattr(search._Search, "fits", lambda self, row: row.get("label") not in misses and real_fits(self, row))
+    monkeypatch.setattr(search, "DOMINATED", 1e9)          # the rule, not this CPU's timing (more float is never dominated here)
+    out = tmp_path / "opt"
+    r = cli("optimize", "zoo:fmnist-resnet", *FAST, "--max-accuracy-drop", "5", "-o", out)
+    assert r.rc == 0, r.err
+    names = [c["recipe"] for c in _search(out)["candidates"]]
+    mixed = [search._mixed_name(x) for x in search.MIXED_SHARES]
+    assert names == ["onnx fp32", "onnx int8 static", *mixed[:2]], names        # the second share held: no third
+    second = next(c for c in _search(out)["candidates"] if c["recipe"] == mixed[1])
+    assert second["stages"][-1]["quantize"]["float_layers"] == search.MIXED_SHARES[1] and second["p50_ms"] and second["error"] is None
+
+
+def test_training_candidates_still_short_of_the_budget_train_longer_rung_after_rung(cli, tmp_path, monkeypatch):
+    """Successive halving: a training candidate measured short of the budget (and not dominated) is trained again with each
+    rung's epochs, from the same recipe, until the last rung."""
+    needs_fashion_mnist()
+    student = search.Candidate("prune 50% + distill → onnx fp32", [{"prune": {"method": "structured", "amount": 0.5}},
+                                                                  {"distill": {"limit": 1000, "eval_limit": 200}}, {"export": {"target": "onnx"}}],
+                               training=True)
+    monkeypatch.setattr(search, "recipes", lambda *a, **k: [search.Candidate("onnx fp32", [{"export": {"target": "onnx"}}]), student])
+    real_fits = search._Search.fits
+    monkeypatch.setattr(search._Search, "fits", lambda self, row: "distill" not in row.get("label", "") and real_fits(self, row))
+    monkeypatch.setattr(search, "DOMINATED", 1e9)
+    out = tmp_path / "opt"
+    r = cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "eval_limit=300", "-s", "timing_budget_s=0.3",
+            "--max-accuracy-drop", "5", "-o", out)
+    assert r.rc == 0, r.err
+    by = {c["recipe"]: c for c in _search(out)["candidates"]}
+    for epochs in search.RUNG_EPOCHS:
+        name = student.name + ("" if epochs == search.RUNG_EPOCHS[0] else f", {epochs} epochs")
+        assert by[name]["error"] is None and by[name]["p50_ms"], (name, by.get(name))
+        assert by[name]["stages"][1]["distill"] == {"limit": 1000, "eval_limit": 200, "epochs": epochs}, by[name]["stages"]
+    assert _search(out)["picked"] == "onnx fp32"
+
+
 def test_only_matching_no_recipe_is_one_line(cli, tmp_path):
     needs_fashion_mnist()
     r = cli("optimize", "zoo:fmnist-resnet", "--data", "fashion-mnist", "-s", "only=nothing-like-this", "-o", tmp_path / "opt")

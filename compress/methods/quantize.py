@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from ..registry import register
 from . import quantize_ort as ort_q
 from . import quantize_torch as torch_q
 from .quality import QualityGate, check
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,16 @@ class StaticConfig(QualityGate):
     reduce_range: bool | str = option("auto", REDUCE_RANGE_HELP + " (onnxruntime: weights, torch: activations)", choices=REDUCE_RANGE)
     exclude: tuple[str, ...] = option((), "node names to keep in float")
     float_ends: bool = option(False, "onnxruntime: keep the first and last Conv/Gemm/MatMul in float (the layers int8 hurts most)")
+    float_layers: float = option(0.0, "onnxruntime: the share of the Conv/Gemm/MatMul layers kept in float, the ones int8 hurts most "
+                                 "as measured on the calibration data (mixed precision), e.g. 0.1", range=(0.0, 1.0))
     preset: str = option("auto", "openvino: NNCF's preset, performance (symmetric activations) or mixed (asymmetric); auto: mixed "
                          "for transformers, performance else", choices=("auto", "performance", "mixed"))
 
     def __post_init__(self):
         if self.backend != "openvino" and self.preset != "auto":
             raise ValueError(f"preset={self.preset} is an NNCF option; add --backend openvino, or drop preset")
+        if self.backend != "onnxruntime" and (self.float_layers or self.float_ends):
+            raise ValueError("float_layers and float_ends are onnxruntime options; add --backend onnxruntime, or drop them")
 
 
 @dataclass(frozen=True)
@@ -131,8 +138,15 @@ def static(artifact, config: StaticConfig, ctx):
         # Export and calibration data are made once; a retry only re-quantizes with more layers kept in float.
         src, specs = ort_q.fp32_onnx(artifact, Path(ctx.workdir) / "_fp32")
         batches = ort_q.calibration_batches(artifact, ctx, config.samples)
-        out = _ort_static(artifact, config, ctx, src, specs, batches,
-                          tuple(config.exclude) + (tuple(ort_q.first_and_last(src)) if config.float_ends else ()))
+        exclude = tuple(config.exclude) + (tuple(ort_q.first_and_last(src)) if config.float_ends else ())
+        out = _ort_static(artifact, config, ctx, src, specs, batches, exclude)
+        if config.float_layers:       # mixed precision: measure what int8 costs each layer, keep the worst in float
+            worst = ort_q.most_sensitive(src, out.path, batches, config.float_layers)
+            shown = ", ".join(f"{w['node']} {w['loss_db']:.1f} dB" for w in worst[:5]) + (", …" if len(worst) > 5 else "")
+            log.info(f"mixed precision: the {len(worst)} layers int8 hurts most are kept in float ({shown})")
+            exclude += tuple(w["node"] for w in worst if w["node"] not in exclude)
+            out = _ort_static(artifact, config, ctx, src, specs, batches, exclude)
+            ctx.metrics["sensitivity_db"] = {w["node"]: w["loss_db"] for w in worst}
 
         def retry():
             sensitive = tuple(config.exclude) + tuple(ort_q.first_and_last(src))

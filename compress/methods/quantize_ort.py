@@ -213,3 +213,62 @@ def _quiet(workdir: Path):
     finally:
         root.setLevel(level)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def most_sensitive(src: Path, qdq: Path, batches: list, share: float, op_types=("Conv", "Gemm", "MatMul"), samples: int = 32) -> list[dict]:
+    """The quantized layers int8 hurts most, measured on real data: each layer's loss is how many dB of
+    signal-to-quantization-noise (float model vs ``qdq``) the activations lose from its input to its output. The
+    first ``share`` of them (at least one), worst first, as {"node", "loss_db"}."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    work = Path(qdq).resolve().parent
+    pre = work / "_sensitivity_pre.onnx"
+    try:
+        preprocess(src, pre)          # the graph quantize_static quantized: the same node and tensor names
+        fm, qm = onnx.load(str(pre)), onnx.load(str(qdq))
+    finally:
+        for f in work.glob("_sensitivity_pre.onnx*"):
+            f.unlink()
+    # a layer's output is its output in the quantized graph: the quantizer folds a following Relu/Clip into it
+    quantized = {n.name: n.output[0] for n in qm.graph.node if n.op_type in op_types}
+    layers = [(n.name, n.input[0], quantized[n.name]) for n in fm.graph.node if n.op_type in op_types and n.name in quantized]
+    feeds = {i.name for i in fm.graph.input}
+    made = [{o for n in m.graph.node for o in n.output} | feeds for m in (fm, qm)]
+    layers = [(name, x, y) for name, x, y in layers if all(x in m and y in m for m in made)]   # both graphs name both tensors
+    wanted = sorted({t for _, x, y in layers for t in (x, y)} - feeds)
+    if not layers:
+        return []
+    # in the quantized graph a tensor is compared as its consumers see it: after its Q/DQ pair (which also applies the
+    # folded Relu/Clip), when it has one
+    dq = {t: t + "_DequantizeLinear_Output" if t + "_DequantizeLinear_Output" in made[1] else t for t in wanted}
+
+    def session(model, names):
+        have = {o.name for o in model.graph.output}
+        model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in names if t not in have)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL   # keep every tensor the graph names
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    fs, qs = session(fm, wanted), session(qm, [dq[t] for t in wanted])
+    names = [i.name for i in fs.get_inputs()]
+    signal, noise = dict.fromkeys(wanted, 0.0), dict.fromkeys(wanted, 0.0)
+    seen = 0
+    for inputs in batches:
+        if seen >= samples:
+            break
+        feed = dict(zip(names, (t.numpy() for t in inputs)))
+        for t, a, b in zip(wanted, fs.run(wanted, feed), qs.run([dq[t] for t in wanted], feed)):
+            a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+            signal[t] += float((a * a).sum())
+            noise[t] += float(((a - b) ** 2).sum())
+        seen += len(inputs[0])
+
+    def sqnr(t: str) -> float:          # dB; a graph input is exact (capped at 100 dB)
+        if t in feeds or noise[t] == 0:
+            return 100.0
+        return min(100.0, 10 * float(np.log10(max(signal[t], 1e-30) / noise[t])))
+
+    ranked = sorted(({"node": name, "loss_db": round(sqnr(x) - sqnr(y), 2)} for name, x, y in layers), key=lambda r: -r["loss_db"])
+    return ranked[:max(1, round(share * len(ranked)))]
