@@ -272,7 +272,10 @@ def optimize(source, data, max_accuracy_drop, min_fidelity, device, batch_size, 
 
         from compress.report import search_table
 
-        out_console().print(search_table(json.loads((result.out / "search.json").read_text())))
+        search = json.loads((result.out / "search.json").read_text())
+        out_console().print(search_table(search))
+        for advice in (search.get("serving") or {}).get("advice") or []:
+            console().print(escape(f"serving: {advice}"), soft_wrap=True)
         console().print(escape(f"wrote {result.out}/ ({result.final.format}: {Path(result.final.path).name}; report.html, recipe.yaml)"))
     if not metrics.get("met", True):
         console().print(f"[yellow]budget missed:[/yellow] {escape(metrics.get('miss', ''))}", soft_wrap=True)

@@ -343,6 +343,7 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
               "source": {"p50_ms": source_row["p50_ms"], "size_bytes": source_row.get("size_bytes")},
               "deployment": {"device": config.device, "batch_size": config.batch_size, "threads": config.threads},
               "seconds": round(time.perf_counter() - started, 1), "env": report.env}
+    result["serving"] = _serving(best, chosen, config, ctx)
     (workdir / "search.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (workdir / "recipe.yaml").write_text(_recipe(artifact, best, ctx.data_spec, ctx.seed))
     (workdir / "report.html").write_text(_report_html(result))
@@ -525,6 +526,29 @@ class _Search:
 NOISE = 0.03   # objective values this close are one tie: timing noise between interleaved rounds is about this size
 
 
+def _serving(best: Candidate, chosen: Artifact, config: OptimizeConfig, ctx) -> dict | None:
+    """Threads vs processes for serving the pick on this CPU: its throughput at each thread count up to the cores, and how
+    to spend the cores (one process with every thread, or several processes with fewer), from that sweep."""
+    from .diagnosis import cpu_count, recommendations
+    from .measure import BenchSettings, bench_artifacts
+
+    cores = cpu_count()
+    if config.device != "cpu" or cores < 2:
+        return None
+    sweep = tuple(sorted({1, *(t for t in (2, 4, 8, 16, 32, 64) if t < cores), cores}))
+    settings = BenchSettings(devices=("cpu",), batch_sizes=(config.batch_size,), threads=sweep, data=ctx.data_spec, limit=16,
+                             budget_s=config.timing_budget_s, min_runs=5, max_runs=100_000)
+    try:
+        report = bench_artifacts([(best.name, chosen)], settings)
+    except CompressError as exc:
+        return {"error": exc.what}
+    rows = [r for r in report.rows if r["label"] == best.name]
+    by = {r["threads"]: r["throughput_per_s"] for r in rows}
+    t, procs, est = max(((t, cores // t, by[t] * (cores // t)) for t in by), key=lambda o: o[2])
+    return {"batch_size": config.batch_size, "cores": cores, "throughput_per_s_by_threads": by,
+            "best": {"threads": t, "processes": procs, "throughput_per_s": est}, "advice": recommendations(rows)}
+
+
 def _pick(fits: list[Candidate], objective: str, metric: str) -> Candidate:
     """The best on the objective; a tie within the noise goes to the higher quality, then the simpler recipe."""
     best = min(_objective(c.row, objective) for c in fits)
@@ -593,9 +617,11 @@ def _report_html(search: dict) -> str:
     except ImportError:
         plot = "<p>The plot needs matplotlib: pip install 'compress[report]'.</p>"
     verdict = "budget met" if search["met"] else "budget missed"
+    advice = (search.get("serving") or {}).get("advice") or []
+    serving = "<h2>Serving it on this CPU</h2><ul>" + "".join(f"<li>{escape(a)}</li>" for a in advice) + "</ul>" if advice else ""
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>compress optimize</title></head><body style='font-family:sans-serif'>"
             f"<h1>compress optimize: {escape(search['picked'])} ({verdict})</h1><p>budget: {metric} ≥ {floor:.4g} "
             f"(the input: {search['budget']['source']:.4g}); {escape(str(search['env'].get('cpu')))}, batch "
             f"{search['deployment']['batch_size']}, {search['deployment']['threads']} thread(s); search took {search['seconds']:.0f} s</p>"
             f"{plot}<table border=1 cellpadding=4><tr><th>recipe</th><th>p50 ms</th><th>p99 ms</th><th>{metric}</th><th>bytes</th>"
-            f"<th>seconds to make</th><th>error</th></tr>{rows}</table></body></html>\n")
+            f"<th>seconds to make</th><th>error</th></tr>{rows}</table>{serving}</body></html>\n")

@@ -56,6 +56,11 @@ def test_optimize_finds_an_artifact_faster_than_the_fp32_onnx_export_within_the_
     html = (out / "report.html").read_text()
     assert "<svg" in html and "budget" in html and s["picked"] in html
     assert "optimize" in r.out and s["picked"] in r.out                    # the candidates' table
+    # threads vs processes for serving the pick, measured on this CPU's cores
+    serving = s["serving"]
+    assert {1, serving["cores"]} <= set(map(int, serving["throughput_per_s_by_threads"])) and all(serving["throughput_per_s_by_threads"].values())
+    assert serving["best"]["threads"] * serving["best"]["processes"] <= serving["cores"] and serving["advice"]
+    assert "serving: " in r.err and "Serving it on this CPU" in html
     assert cli("validate", out / "recipe.yaml").rc == 0
     assert cli("bench", out, "--budget", "0.2").rc == 0                    # the pick loads and runs
 
