@@ -93,6 +93,8 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
     from .onnx_export import bert_type
 
     text = bool((artifact.arch or {}).get("spec", "").startswith("hf:")) and artifact.input_spec[0].dtype.startswith("int")
+    if config.device == "cuda":
+        return _gpu_recipes(artifact, config, labelled, text)
     cands: list[Candidate] = []
     ov = is_installed("openvino")
     ov_int8 = ov and is_installed("nncf")
@@ -150,6 +152,41 @@ def recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, data: st
                                            [*head, {"quantize": {"method": "static", "backend": "onnxruntime"}}], training=True))
                 if ov_int8:
                     cands.append(Candidate(f"prune {amount:.0%} + distill → openvino int8 (NNCF)", [*head, *ov_static.stages], training=True))
+    return cands
+
+
+def _gpu_recipes(artifact: Artifact, config: OptimizeConfig, labelled: bool, text: bool) -> list[Candidate]:
+    """For an NVIDIA GPU: the formats with CUDA kernels in fp32 and fp16 (onnxruntime's CUDA provider, torch, torch.export),
+    TensorRT fp16 and int8 when TensorRT is installed (int8 from a Q/DQ graph calibrated on the data, which TensorRT 10
+    and 11 both build), and with training allowed the smaller students in fp16. CPU-only recipes (onnxruntime and
+    torch int8 kernels, OpenVINO) are left out: they would run on the CPU or fall back to float."""
+    from .onnx_export import bert_type
+
+    fused = {"optimize": True} if text and bert_type(artifact) else {}
+    trt = is_installed("tensorrt")
+    if artifact.format == "onnx":
+        return [Candidate("tensorrt fp16", [{"export": {"target": "trt", "precision": "fp16"}}]),
+                Candidate("tensorrt int8", [{"export": {"target": "trt", "precision": "int8"}}])] if trt else []
+    cands = [Candidate("onnx fp32 (CUDA)" + (" (fused)" if fused else ""), [{"export": {"target": "onnx", **fused}}]),
+             Candidate("onnx fp16 (CUDA)", [{"export": {"target": "onnx", "fp16": True, **fused}}]),
+             Candidate("torch fp16", [{"quantize": {"method": "fp16"}}]),
+             Candidate("pt2 (torch.export)", [{"export": {"target": "pt2"}}])]
+    if trt:
+        cands += [Candidate("tensorrt fp16", [{"export": {"target": "trt", "precision": "fp16"}}]),
+                  Candidate("tensorrt int8", [{"export": {"target": "trt", "precision": "int8"}}])]
+    if config.training and labelled:
+        teacher = {"teacher": config.teacher} if config.teacher else {}
+        tail = [{"export": {"target": "trt", "precision": "fp16"}}] if trt else [{"export": {"target": "onnx", "fp16": True, **fused}}]
+        where = "tensorrt fp16" if trt else "onnx fp16"
+        if text:
+            layers = _encoder_layers(artifact)
+            for keep in sorted({max(1, layers // 2), max(1, layers // 3)}, reverse=True)[:2] if layers > 1 else []:
+                cands.append(Candidate(f"distill {keep}-layer student → {where}",
+                                       [{"distill": {"student_layers": keep, "lr": 1e-4, **teacher}}, *tail], training=True))
+        elif artifact.format == "torch":
+            for amount in (0.3, 0.5):
+                cands.append(Candidate(f"prune {amount:.0%} + distill → {where}",
+                                       [{"prune": {"method": "structured", "amount": amount}}, {"distill": {**teacher}}, *tail], training=True))
     return cands
 
 
@@ -270,6 +307,9 @@ def optimize(artifact: Artifact, config: OptimizeConfig, ctx) -> Artifact:
     bundle = ctx.data()
     search = _Search(artifact, config, ctx, input_dir, work, started + seconds(config.time_budget))
     cands = recipes(artifact, config, bundle.labelled, ctx.data_spec)
+    if not cands:
+        raise CompressError(f"compress optimize has no recipe for a {artifact.format} model on {config.device}",
+                            "For an ONNX model on a GPU install TensorRT (pip install 'compress[trt]'), or give the torch model")
     if config.only:
         cands = [c for c in cands if _wanted(c, config)]
         if not cands:
