@@ -26,7 +26,7 @@ from torch import nn
 from ..artifact import Artifact
 from ..config import option
 from ..cpu import REDUCE_RANGE, REDUCE_RANGE_HELP, reduce_range
-from ..errors import CompressError
+from ..errors import CompressError, first_line
 from ..evaluate import run_with_hooks
 from ..registry import register
 from . import quantize_ort as ort_q
@@ -141,7 +141,11 @@ def static(artifact, config: StaticConfig, ctx):
         exclude = tuple(config.exclude) + (tuple(ort_q.first_and_last(src)) if config.float_ends else ())
         out = _ort_static(artifact, config, ctx, src, specs, batches, exclude)
         if config.float_layers:       # mixed precision: measure what int8 costs each layer, keep the worst in float
-            worst = ort_q.most_sensitive(src, out.path, batches, config.float_layers)
+            try:
+                worst = ort_q.most_sensitive(src, out.path, batches, config.float_layers)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own kinds; say which step failed
+                raise CompressError(f"mixed precision could not measure the layers' sensitivity: {first_line(exc, 200)}",
+                                    "Keep layers in float by name instead (-s exclude=NODE,...), or -s float_ends=true") from None
             shown = ", ".join(f"{w['node']} {w['loss_db']:.1f} dB" for w in worst[:5]) + (", …" if len(worst) > 5 else "")
             log.info(f"mixed precision: the {len(worst)} layers int8 hurts most are kept in float ({shown})")
             exclude += tuple(w["node"] for w in worst if w["node"] not in exclude)
