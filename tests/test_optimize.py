@@ -230,17 +230,20 @@ def test_on_a_gpu_the_recipes_are_the_ones_with_cuda_kernels(monkeypatch):
     """--device cuda: fp32/fp16 ONNX (CUDA provider), torch fp16, torch.export, TensorRT fp16/int8 where TensorRT is
     installed, students in fp16; no CPU-only int8 or OpenVINO recipe. (Timing them needs a GPU: see the README.)"""
     import compress
+    from compress.errors import is_installed
 
     art = compress.load("zoo:fmnist-resnet")
     cuda = search.OptimizeConfig(device="cuda")
     names = lambda cands: [c.name for c in cands]  # noqa: E731
     plain = search.recipes(art, cuda, True, "fashion-mnist")
     assert {"onnx fp32 (CUDA)", "onnx fp16 (CUDA)", "torch fp16", "pt2 (torch.export)"} <= set(names(plain)), names(plain)
-    assert not any("int8" in n or "openvino" in n for n in names(plain)) or search.is_installed("tensorrt"), names(plain)
+    assert not any("int8" in n or "openvino" in n for n in names(plain)) or is_installed("tensorrt"), names(plain)
     fp16 = next(c for c in plain if c.name == "onnx fp16 (CUDA)")
     assert fp16.stages == [{"export": {"target": "onnx", "fp16": True}}]
-    real = search.is_installed
-    monkeypatch.setattr(search, "is_installed", lambda name: name == "tensorrt" or real(name))
+    from compress import recipes
+
+    real = recipes.is_installed
+    monkeypatch.setattr(recipes, "is_installed", lambda name: name == "tensorrt" or real(name))
     with_trt = search.recipes(art, cuda, True, "fashion-mnist")
     by = {c.name: c for c in with_trt}
     assert by["tensorrt fp16"].stages == [{"export": {"target": "trt", "precision": "fp16"}}]
