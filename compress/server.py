@@ -116,7 +116,7 @@ class Engine:
         self._on_batch(arrays[0].shape[0], time.perf_counter() - started)
         return outs
 
-    async def outputs(self, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    async def outputs(self, arrays: list[np.ndarray], request_id: str | None = None) -> list[np.ndarray]:
         n = arrays[0].shape[0]
         if not self.cache.size and self.batcher is None:
             outs = self._run(arrays)
@@ -142,7 +142,7 @@ class Engine:
                     self.cache.put(keys[i], d)
             outs = [_stack([g[j] for g in got], arrays[0].shape[1] if self.model.kind == "text" else None) for j in range(len(got[0]))]
         if self.log is not None:
-            self.log.write(self.model, outs, arrays)
+            self.log.write(self.model, outs, arrays, request_id)
         return outs
 
 
@@ -268,7 +268,8 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
         async def compute():
             body = await _json(request)
             arrays = m.check(_v2_inputs(m, body))
-            outs = await _outputs(state["engine"], arrays)
+            rid = body.get("id") if isinstance(body.get("id"), str) else request.headers.get("x-request-id")
+            outs = await _outputs(state["engine"], arrays, rid)
             wanted = [o.get("name") for o in body.get("outputs") or [] if isinstance(o, dict)]
             unknown = [w for w in wanted if w not in m.output_names]
             if unknown:
@@ -291,27 +292,28 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
             if upload is None or not hasattr(upload, "read"):
                 raise BadRequest("the multipart body has no file field named 'file'", how="Send the image as -F file=@photo.jpg")
             arrays = [m.decode_image(await upload.read())]
-            return JSONResponse((await _answers(m, arrays))[0])
+            return JSONResponse((await _answers(m, arrays, request.headers.get("x-request-id")))[0])
 
         async def compute():
             body = await _json(request)
+            rid = request.headers.get("x-request-id")
             if "text" in body:
-                return (await _answers(m, m.encode_texts([body["text"]])))[0]
+                return (await _answers(m, m.encode_texts([body["text"]]), rid))[0]
             if "texts" in body:
                 if not isinstance(body["texts"], list):
                     raise BadRequest("'texts' must be a list of strings")
-                answers = await _answers(m, m.encode_texts(body["texts"]))
+                answers = await _answers(m, m.encode_texts(body["texts"]), rid)
             elif "inputs" in body:
-                answers = await _answers(m, _raw_inputs(m, body["inputs"]))
+                answers = await _answers(m, _raw_inputs(m, body["inputs"]), rid)
             else:
                 raise BadRequest("the body needs 'text', 'texts' or 'inputs' (or send an image as multipart field 'file')")
             return {key: [a.get(key) for a in answers] for key in answers[0]}
 
         return await answered(request, compute)
 
-    async def _answers(m: ServedModel, arrays) -> list[dict]:
+    async def _answers(m: ServedModel, arrays, request_id: str | None = None) -> list[dict]:
         arrays = m.check(arrays)
-        return m.answer(await _outputs(state["engine"], arrays), arrays)
+        return m.answer(await _outputs(state["engine"], arrays, request_id), arrays)
 
     @app.get("/metrics")
     async def metrics():
@@ -320,10 +322,10 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
     return app
 
 
-async def _outputs(engine: Engine, arrays):
+async def _outputs(engine: Engine, arrays, request_id: str | None = None):
     """The engine's outputs; a failure of the model is the server's (500), said in one line, and the next request is served."""
     try:
-        return await engine.outputs(arrays)
+        return await engine.outputs(arrays, request_id)
     except BadRequest:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever the runtime raises

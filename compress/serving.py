@@ -396,7 +396,7 @@ class Batcher:
 
 # ---------------------------------------------------------------- the served-output log (read by compress drift)
 class OutputLog:
-    """JSON lines, one per served sample: ``{"t", "model", "output", "input"}`` (see ``compress drift --current LOG_DIR``),
+    """JSON lines, one per served sample: ``{"t", "model", "id"?, "output", "input"}`` (see ``compress drift --current LOG_DIR``),
     in ``served-<pid>-<n>.jsonl`` files of at most ``max_bytes``, the newest ``keep`` per process kept. ``sample`` is the
     fraction of served samples written."""
 
@@ -416,14 +416,19 @@ class OutputLog:
         for p in old[: max(0, len(old) - self.keep)]:
             p.unlink(missing_ok=True)
 
-    def write(self, model: ServedModel, outputs: list[np.ndarray], inputs: list[np.ndarray]) -> None:
+    def write(self, model: ServedModel, outputs: list[np.ndarray], inputs: list[np.ndarray], request_id: str | None = None) -> None:
         now = time.time()
-        for i in range(outputs[0].shape[0]):
+        n = outputs[0].shape[0]
+        for i in range(n):
             if self.sample < 1.0 and self.rng.random() >= self.sample:
                 continue
             if self.f is None or self.written > self.max_bytes:
                 self._open()
-            line = json.dumps({"t": round(now, 3), "model": self.model, "output": [round(float(v), 6) for v in model.pooled(outputs[0], inputs, i).ravel()],
+            # the request's id (v2 "id", or the X-Request-ID header) and the sample's place in it: a drifted sample
+            # found in the log leads back to the request that carried it
+            rid = {"id": request_id[:200], **({"sample": i} if n > 1 else {})} if request_id else {}
+            line = json.dumps({"t": round(now, 3), "model": self.model, **rid,
+                               "output": [round(float(v), 6) for v in model.pooled(outputs[0], inputs, i).ravel()],
                                "input": model.input_stats(inputs, i)}) + "\n"
             self.f.write(line)
             self.written += len(line)

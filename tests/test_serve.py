@@ -267,7 +267,7 @@ def test_cache_hits_and_metrics_are_summed_over_both_workers(digits):
 
 def test_the_log_keeps_served_outputs_for_compress_drift(digits, work):
     x = _digits_eval(4)[0]
-    assert digits.post("/v2/models/digits/infer", json=_v2(x)).status_code == 200
+    assert digits.post("/v2/models/digits/infer", json={**_v2(x), "id": "req-42"}).status_code == 200
     deadline = time.time() + 10
     lines = []
     while time.time() < deadline:
@@ -278,6 +278,8 @@ def test_the_log_keeps_served_outputs_for_compress_drift(digits, work):
     assert len(lines) >= 4
     assert {"t", "model", "output", "input"} <= set(lines[-1]) and lines[-1]["model"] == "digits"
     assert len(lines[-1]["output"]) == 10
+    ours = [line for line in lines if line.get("id") == "req-42"]          # the request's id, and each sample's place in it
+    assert sorted(line["sample"] for line in ours) == [0, 1, 2, 3], ours
 
 
 # ---------------------------------------------------------------- failures, batching, shutdown
