@@ -56,6 +56,12 @@ def likely_cause(row: dict, vnni: bool | None = None) -> str | None:
     return None
 
 
+def best_split(throughput_by_threads: dict[int, float], cores: int) -> tuple[int, int, float]:
+    """How to spend ``cores`` on serving: (threads per process, processes, estimated items/s) with the most throughput,
+    from a thread sweep (processes are assumed not to slow each other)."""
+    return max(((t, cores // t, tp * (cores // t)) for t, tp in sorted(throughput_by_threads.items()) if t <= cores), key=lambda o: o[2])
+
+
 def recommendations(rows: list[dict]) -> list[str]:
     """For CPU serving: from the thread sweep, whether several single-threaded processes beat one threaded process."""
     cores = cpu_count()
@@ -68,10 +74,9 @@ def recommendations(rows: list[dict]) -> list[str]:
         usable = {t: r for t, r in by_threads.items() if t <= cores}
         if len(usable) < 2:
             continue
-        options = [(t, cores // t, r["throughput_per_s"] * (cores // t)) for t, r in sorted(usable.items())]
         top = max(usable)
         single = usable[top]["throughput_per_s"]
-        t, procs, est = max(options, key=lambda o: o[2])
+        t, procs, est = best_split({t: r["throughput_per_s"] for t, r in usable.items()}, cores)
         if (t, procs) == (top, cores // top):
             out.append(f"{label}, batch {batch}: {top} threads × {cores // top} process(es) is best on this {cores}-core machine "
                        f"({single * (cores // top):.1f} items/s)")

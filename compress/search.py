@@ -431,7 +431,7 @@ NOISE = 0.03   # objective values this close are one tie: timing noise between i
 def _serving(best: Candidate, chosen: Artifact, config: OptimizeConfig, ctx) -> dict | None:
     """Threads vs processes for serving the pick on this CPU: its throughput at each thread count up to the cores, and how
     to spend the cores (one process with every thread, or several processes with fewer), from that sweep."""
-    from .diagnosis import cpu_count, recommendations
+    from .diagnosis import best_split, cpu_count, recommendations
     from .measure import BenchSettings, bench_artifacts
 
     cores = cpu_count()
@@ -446,7 +446,7 @@ def _serving(best: Candidate, chosen: Artifact, config: OptimizeConfig, ctx) -> 
         return {"error": exc.what}
     rows = [r for r in report.rows if r["label"] == best.name]
     by = {r["threads"]: r["throughput_per_s"] for r in rows}
-    t, procs, est = max(((t, cores // t, by[t] * (cores // t)) for t in by), key=lambda o: o[2])
+    t, procs, est = best_split(by, cores)
     return {"batch_size": config.batch_size, "cores": cores, "throughput_per_s_by_threads": by,
             "best": {"threads": t, "processes": procs, "throughput_per_s": est}, "advice": recommendations(rows)}
 

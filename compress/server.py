@@ -268,8 +268,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
         async def compute():
             body = await _json(request)
             arrays = m.check(_v2_inputs(m, body))
-            rid = body.get("id") if isinstance(body.get("id"), str) else request.headers.get("x-request-id")
-            outs = await _outputs(state["engine"], arrays, rid)
+            outs = await _outputs(state["engine"], arrays, _request_id(request, body))
             wanted = [o.get("name") for o in body.get("outputs") or [] if isinstance(o, dict)]
             unknown = [w for w in wanted if w not in m.output_names]
             if unknown:
@@ -292,11 +291,11 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
             if upload is None or not hasattr(upload, "read"):
                 raise BadRequest("the multipart body has no file field named 'file'", how="Send the image as -F file=@photo.jpg")
             arrays = [m.decode_image(await upload.read())]
-            return JSONResponse((await _answers(m, arrays, request.headers.get("x-request-id")))[0])
+            return JSONResponse((await _answers(m, arrays, _request_id(request)))[0])
 
         async def compute():
             body = await _json(request)
-            rid = request.headers.get("x-request-id")
+            rid = _request_id(request)
             if "text" in body:
                 return (await _answers(m, m.encode_texts([body["text"]]), rid))[0]
             if "texts" in body:
@@ -332,6 +331,12 @@ async def _outputs(engine: Engine, arrays, request_id: str | None = None):
         log.warning("the model failed on a request: %s: %s", type(exc).__name__, exc)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise BadRequest(f"the model failed: {type(exc).__name__}: {first}"[:500], 500) from None
+
+
+def _request_id(request, body: dict | None = None) -> str | None:
+    """The id a client gave its request: the v2 body's "id", else an X-Request-ID header (kept in the served log)."""
+    given = (body or {}).get("id")
+    return given if isinstance(given, str) else request.headers.get("x-request-id")
 
 
 async def _json(request) -> dict:

@@ -222,6 +222,7 @@ def most_sensitive(src: Path, qdq: Path, batches: list, share: float, op_types=(
     import numpy as np
     import onnx
     import onnxruntime as ort
+    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX
 
     work = Path(qdq).resolve().parent
     pre = work / "_sensitivity_pre.onnx"
@@ -242,7 +243,7 @@ def most_sensitive(src: Path, qdq: Path, batches: list, share: float, op_types=(
         return []
     # in the quantized graph a tensor is compared as its consumers see it: after its Q/DQ pair (which also applies the
     # folded Relu/Clip), when it has one
-    dq = {t: t + "_DequantizeLinear_Output" if t + "_DequantizeLinear_Output" in made[1] else t for t in wanted}
+    dq = {t: t + DEQUANT_OUTPUT_SUFFIX if t + DEQUANT_OUTPUT_SUFFIX in made[1] else t for t in wanted}
 
     def session(model, names):
         have = {o.name for o in model.graph.output}
