@@ -4,7 +4,7 @@
 
 Writes DIR/latest.json, DIR/RESULTS.md and DIR/latency_vs_accuracy.png (DIR defaults to benchmarks/results, and
 to benchmarks/results/quick with --quick, so a quick run never replaces the published full run).
-``--quick`` keeps every variant but times fewer runs and trains for less; its figures are indicative only. It then
+``--quick`` keeps every peer but times batch 1 only, with fewer runs, and its search does not train; its figures are indicative only. It then
 checks that it reproduces the full run's ordering (``--compare``, default benchmarks/results/latest.json).
 Run it on a quiet machine for numbers worth publishing: variants are interleaved so their ratios hold under
 noise, but absolute latencies do not.
@@ -31,7 +31,7 @@ from benchmarks.suites import SUITES, Settings  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="append", choices=sorted(SUITES), help="suite to run (repeatable; default: all)")
-    p.add_argument("--quick", action="store_true", help="fewer timed runs and a smaller training budget (same variants)")
+    p.add_argument("--quick", action="store_true", help="batch 1 only, fewer timed runs, a 90-second search without training (same peers)")
     p.add_argument("--out", default=None, help="where latest.json, RESULTS.md and the plot go (default: benchmarks/results, "
                                                "or benchmarks/results/quick with --quick)")
     p.add_argument("--compare", default=str(DEFAULT_OUT / "latest.json"),

@@ -32,19 +32,14 @@ class Settings:
     log: Callable[[str], None] = print
     threads: int = field(default_factory=lambda: max(1, torch.get_num_threads()))
 
-    # timing: batch 1 / 1 thread, and the large batch with all threads
-    @property
-    def b1(self) -> dict:
-        # quick: half the rounds, and about a second of timed runs per variant (sub-millisecond ones still get every run)
-        return {"rounds": 15, "runs": 20, "warmup": 1, "budget_s": 1.0} if self.quick else {"rounds": 30, "runs": 20, "warmup": 3}
-
-    @property
-    def bN(self) -> dict:
-        return {"rounds": 2, "runs": 1, "warmup": 1} if self.quick else {"rounds": 10, "runs": 5, "warmup": 2}
-
-    def batches(self, inputs: list) -> list:
-        """The large-batch inputs: quick times one of them (one shape, so compiled peers compile once)."""
-        return inputs[:1] if self.quick else inputs
+    def phases(self, b1: list, big: int, bN: list, evaluate_b1=None) -> list[Phase]:
+        """Batch 1 / 1 thread (what the targets judge) and the large batch with all threads (throughput). A quick run
+        times batch 1 only, what its ordering check compares, and scores quality there (the large batch's compiles and
+        padded evaluation were a third of its time)."""
+        if self.quick:
+            return [Phase(1, 1, b1, rounds=15, runs=20, warmup=1, budget_s=1.0, evaluate=evaluate_b1 or True)]
+        return [Phase(1, 1, b1, rounds=30, runs=20, warmup=3, evaluate=evaluate_b1 or False),
+                Phase(big, self.threads, bN, rounds=10, runs=5, warmup=2, evaluate=True)]
 
 
 # ---------------------------------------------------------------- compress side
@@ -78,7 +73,7 @@ def optimize_candidate(model, data: str, options: dict, out: Path, s: Settings, 
 
 def search_options(s: Settings, **budget) -> dict:
     """The deployment every target is judged in (batch 1, 1 thread); quick runs only the recipes that do not train."""
-    quick = {"training": False, "time_budget": "4m", "eval_limit": 256, "timing_budget_s": 0.3} if s.quick else {}
+    quick = {"training": False, "time_budget": "90s", "eval_limit": 256, "timing_budget_s": 0.3} if s.quick else {}
     return {"batch_size": 1, "threads": 1, **budget, **quick}
 
 
@@ -261,7 +256,7 @@ def text_suite(s: Settings) -> dict:
              for i in range(0, len(bundle.train), max(1, len(bundle.train) // 128))][:128]   # one sentence per sample, as NNCF's examples do
     theirs = peers.text_peers(sdpa, eager, b1[0], calib, s.work / "text-peers", int(cfg["num_attention_heads"]), int(cfg["hidden_size"]), s.log)
     variants = theirs + mine
-    phases = [Phase(1, 1, b1, **s.b1, evaluate=evaluate_b1), Phase(big, s.threads, s.batches(bN), **s.bN, evaluate=True)]
+    phases = s.phases(b1, big, bN, evaluate_b1)
     measure(variants, phases, evaluate, s.log)
     notes.append("accuracy is measured in each row's own configuration: batch-1 rows score every held-out sentence alone at its "
                  "natural length (what the latency target times), batch-32 rows score padded batches of 32")
@@ -327,7 +322,7 @@ def vision_suite(s: Settings) -> dict:
     s.log("vision: peers")
     theirs = peers.cnn_peers(teacher, b1[0], calib, s.work / "vision-peers", s.log)
     variants = theirs + mine
-    phases = [Phase(1, 1, b1, **s.b1), Phase(big, s.threads, s.batches(bN), **s.bN, evaluate=True)]
+    phases = s.phases(b1, big, bN)
     measure(variants, phases, evaluate, s.log)
     notes.append(f"fidelity = top-1 agreement with the fp32 model on {len(eval_x)} real photo crops (scikit-image photographs, "
                  f"224×224, ImageNet-normalised; calibration on {len(calib_x)} other crops); 1 disagreement = {1 / len(eval_x):.1%}")
@@ -413,7 +408,7 @@ def fmnist_suite(s: Settings) -> dict:
     s.log("fmnist: peers")
     theirs = peers.cnn_peers(teacher, b1[0], calib, s.work / "fmnist-peers", s.log)
     variants = theirs + mine
-    phases = [Phase(1, 1, b1, **s.b1), Phase(big, s.threads, s.batches(bN), **s.bN, evaluate=True)]
+    phases = s.phases(b1, big, bN)
     measure(variants, phases, evaluate, s.log)
     floor = ort_call_floor_ms((1, 1, 28, 28))
     notes.append(f"onnxruntime's per-call floor on this machine (a graph that does nothing, batch 1, 1 thread): {floor:.3f} ms; "

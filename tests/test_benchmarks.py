@@ -217,6 +217,22 @@ def test_quick_ordering_tolerates_a_swap_the_full_run_did_not_order_clearly():
 
 
 
+def test_quick_ordering_sets_compress_row_by_role_when_the_full_pick_trained():
+    # The full run picked a trained student the no-training quick run never makes: compress's rows are set side by side
+    # by their role (each run's pick vs its best peer) and the verdict rests on the peers both runs measured.
+    full = _suite([("student", "compress", 1.0, 0.9), ("peer a", "peer", 2.5, 0.9), ("peer b", "peer", 4.0, 0.9)], selected="student")
+    quick = _suite([("int8", "compress", 2.0, 0.9), ("peer a", "peer", 2.4, 0.9), ("peer b", "peer", 4.2, 0.9)], selected="int8")
+    o = harness.ordering(quick, full)
+    assert "pick" not in o and o["compared"] == ["peer a", "peer b"]
+    assert o["role"] == {"quick_pick": "int8", "quick_peer": "peer a", "quick_ratio": 1.2,
+                         "full_pick": "student", "full_peer": "peer a", "full_ratio": 2.5}
+    v = harness.ordering_verdict(o)
+    assert v["passed"] is True and "int8 is 1.20× peer a, in the full run student was 2.50× peer a" in v["measured"]
+    flipped = _suite([("int8", "compress", 2.0, 0.9), ("peer a", "peer", 4.4, 0.9), ("peer b", "peer", 2.4, 0.9)], selected="int8")
+    v = harness.ordering_verdict(harness.ordering(flipped, full))
+    assert v["passed"] is False and "peer a / peer b" in v["measured"]
+
+
 def test_a_quick_runs_targets_are_marked_indicative_in_the_markdown(tmp_path):
     v = {"target": "compress ≥ 2× faster", "passed": False, "measured": "1.2×"}
     suite = {"name": "s", "rows": [], "verdicts": [dict(v, indicative=True), {**v, "target": "ordering", "passed": True}]}
