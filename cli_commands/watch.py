@@ -29,20 +29,23 @@ Exit codes: 0 no drift detected, 3 drift detected, 1 an error.
 @click.option("--model", "log_model", help="With a log of several models: the served model's name.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--html", type=click.Path(), help="Write a self-contained HTML report with plots.")
+@click.option("--no-calibration", is_flag=True, help="Estimate the accuracy from confidences only (ATC), without profiling "
+              "synthetic shifts of the reference's images (seconds for a small model, up to a minute for a large one).")
 @global_flags
-def drift(run_dir, current, reference, window, sample, sample_out, labels, alpha, limit, log_model, json_path, html):
+def drift(run_dir, current, reference, window, sample, sample_out, labels, alpha, limit, log_model, json_path, html, no_calibration):
     """Has the data moved away from what RUN_DIR's model was validated on, and what is it likely costing?
 
     Compares the reference RUN_DIR keeps (held-out data, profiled when it was made) with the current data by four tests:
-    confidence (KS, and the accuracy estimated from confidences), embedding distance (MMD), a domain classifier (AUC)
-    and input statistics (KS/PSI).
+    confidence (KS), embedding distance (MMD), a domain classifier (AUC) and input statistics (KS/PSI); and estimates
+    the accuracy on the current data (for images, from synthetic shifts of the reference's inputs; else from confidences).
     """
     from compress.api import drift as check_drift
     from compress.drift_report import rich_tables, verdict_line
 
     flags = current_flags()
     report = check_drift(run_dir, current, reference=reference, window=window, sample=sample, sample_out=sample_out, labels=labels,
-                         alpha=alpha, limit=limit, model=log_model, json_path=json_path, html_path=html, force=flags.force)
+                         alpha=alpha, limit=limit, model=log_model, json_path=json_path, html_path=html, force=flags.force,
+                         calibrate=not no_calibration)
     if not flags.quiet:
         for t in rich_tables(report):
             out_console().print(t)

@@ -101,7 +101,7 @@ def run(pipeline, out=None, *, sets=(), force: bool = False, resume: bool = Fals
 
 def drift(run_dir, current, *, reference: str | None = None, window: str | None = None, sample: int | None = None,
           sample_out=None, labels=None, alpha: float = 0.05, limit: int = 1000, model: str | None = None,
-          json_path=None, html_path=None, force: bool = False):
+          json_path=None, html_path=None, force: bool = False, calibrate: bool = True):
     """``compress drift``: compare ``current`` (a DATA spec, the ``--log-dir`` of ``compress serve``, a DataBundle or a
     Dataset) with the reference profile the run directory ``run_dir`` (or the Artifact a verb returned) keeps, or one
     made from ``reference`` (a DATA spec); returns the :class:`~compress.drift_check.DriftReport` (``drifted``,
@@ -114,7 +114,7 @@ def drift(run_dir, current, *, reference: str | None = None, window: str | None 
             raise CompressError("this Artifact was not saved to a run directory", "Give out= to the verb that made it, or a run directory")
         run_dir = Path(run_dir.path).parent
     return check(run_dir, current, reference=reference, window=window, sample=sample, sample_out=sample_out, labels=labels,
-                 alpha=alpha, limit=limit, model=model, json_path=json_path, html_path=html_path, force=force)
+                 alpha=alpha, limit=limit, model=model, json_path=json_path, html_path=html_path, force=force, calibrate=calibrate)
 
 
 # ---------------------------------------------------------------- one stage, the pipeline's way

@@ -5,7 +5,8 @@ compared with the profile of the current data — a DATA spec, or a served model
 statistic, p-value (and interval), threshold and verdict:
 
 1. **confidence**: KS tests on the max-softmax confidence and the entropy; the accuracy on the unlabelled current data
-   is estimated from confidences calibrated on the labelled reference (average thresholded confidence, ATC);
+   is estimated on synthetic shifts of the labelled reference where its inputs can be read again (images:
+   :mod:`compress.drift_estimate`), else from confidences calibrated on it (average thresholded confidence, ATC);
 2. **embedding**: MMD² with an RBF kernel (median-heuristic bandwidth), permutation p-value; and the cosine
    similarity of the mean embeddings;
 3. **domain**: a cross-validated linear classifier telling reference from current embeddings: ROC AUC of its held-out
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import durations
+from .drift_estimate import ShiftCalibration, atc_share
 from .drift_labels import read_labels, wilson, write_sample
 from .drift_report import TITLES, write_outputs
 from .errors import CompressError, require
@@ -259,32 +261,37 @@ def psi(a: np.ndarray, b: np.ndarray, bins: int = 10) -> float:
 
 
 # ---------------------------------------------------------------- the accuracy it is likely costing
-def estimate_accuracy(ref: Profile, cur: Profile, seed: int = 0, bootstrap: int = BOOTSTRAP) -> dict | None:
-    """The accuracy on the unlabelled current data, from confidences calibrated on the labelled reference: ATC (the
-    share of current samples more confident than the threshold that the reference's accuracy puts on its negative
-    entropy), with a bootstrap interval; DoC and isotonic-calibrated mean confidence beside it. None without labels."""
+def estimate_accuracy(ref: Profile, cur: Profile, seed: int = 0, bootstrap: int = BOOTSTRAP,
+                      calibration: ShiftCalibration | None = None) -> dict | None:
+    """The accuracy on the unlabelled current data. With ``calibration`` (synthetic shifts of the reference, see
+    :mod:`compress.drift_estimate`): the accuracy the model kept on the shifts whose statistics are nearest the current
+    data's. Without: from confidences calibrated on the labelled reference, ATC (the share of current samples more
+    confident than the threshold that the reference's accuracy puts on its negative entropy). Either with a bootstrap
+    interval; ATC, DoC and isotonic-calibrated mean confidence beside it. None without labels."""
     if ref.correct is None or not cur.classifier:
         return None
     known = ref.labels >= 0
     right = ref.correct.astype(np.float64)
     ref_s, cur_s = -ref.entropy[known], -cur.entropy
-    atc = _atc(ref_s, right, cur_s)
+    atc = atc_share(ref_s, right, cur_s)
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(bootstrap):
         i, j = rng.integers(len(ref_s), size=len(ref_s)), rng.integers(len(cur_s), size=len(cur_s))
-        boots.append(_atc(ref_s[i], right[i], cur_s[j]))
+        boots.append(atc_share(ref_s[i], right[i], cur_s[j]))
     conf_r, conf_c = ref.confidence[known], cur.confidence
     interval = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None
-    return {"method": "ATC (negative entropy)", "estimated": atc, "interval": interval,
-            "reference": float(right.mean()), "drop": float(right.mean() - atc),
-            "methods": {"atc_entropy": atc, "atc_confidence": _atc(conf_r, right, conf_c),
-                        "doc": float(right.mean() - (conf_r.mean() - conf_c.mean())), "calibrated_confidence": _calibrated(conf_r, right, conf_c)}}
-
-
-def _atc(ref_score, right, cur_score) -> float:
-    t = np.quantile(ref_score, 1 - right.mean())
-    return float((cur_score > t).mean())
+    out = {"method": "ATC (negative entropy)", "estimated": atc, "interval": interval,
+           "reference": float(right.mean()), "drop": float(right.mean() - atc),
+           "methods": {"atc_entropy": atc, "atc_confidence": atc_share(conf_r, right, conf_c),
+                       "doc": float(right.mean() - (conf_r.mean() - conf_c.mean())), "calibrated_confidence": _calibrated(conf_r, right, conf_c)}}
+    if calibration is not None:
+        cal = calibration.estimate(cur, seed, bootstrap)
+        out.update({"method": f"calibrated on {cal['shifts']} synthetic shifts of the reference", "estimated": cal["estimated"],
+                    "interval": cal["interval"], "drop": float(right.mean() - cal["estimated"]),
+                    "calibration": {"nearest": cal["nearest"], "statistics": cal["statistics"], "seconds": calibration.seconds}})
+        out["methods"]["shift_calibrated"] = cal["estimated"]
+    return out
 
 
 def _calibrated(conf_r, right, conf_c) -> float:
@@ -295,7 +302,8 @@ def _calibrated(conf_r, right, conf_c) -> float:
 
 
 # ---------------------------------------------------------------- over time
-def over_time(ref: Profile, cur: Profile, window_s: float, alpha: float, permutations: int, seed: int = 0) -> tuple[list[dict], list[str]]:
+def over_time(ref: Profile, cur: Profile, window_s: float, alpha: float, permutations: int, seed: int = 0,
+              calibration: ShiftCalibration | None = None) -> tuple[list[dict], list[str]]:
     """Every test on each window of ``window_s`` seconds of a log (windows with too few samples are listed, not tested).
     Each window is tested at ``alpha`` divided by the number of windows tested (Bonferroni again, over the windows), so a
     day of hourly windows of unchanged traffic raises no more false alarms than one test would."""
@@ -316,7 +324,7 @@ def over_time(ref: Profile, cur: Profile, window_s: float, alpha: float, permuta
             row["alpha"] = _r(alpha, 6)
             row["tests"] = {t.name: {"statistic": _r(t.statistic), "p_value": _r(t.p_value, 6), "drifted": t.drifted} for t in tests}
             row["drifted"] = any(t.drifted for t in tests)
-            est = estimate_accuracy(ref, part, bootstrap=0)
+            est = estimate_accuracy(ref, part, bootstrap=0, calibration=calibration)
             row["estimated_accuracy"] = None if est is None else _r(est["estimated"])
         rows.append(row)
     return rows, notes
@@ -421,9 +429,10 @@ def _clean(x):
 # ---------------------------------------------------------------- the command
 def check(run_dir, current, *, reference: str | None = None, window: str | float | None = None, sample: int | None = None,
           sample_out=None, labels=None, alpha: float = ALPHA, limit: int = 1000, model: str | None = None, seed: int = 0,
-          permutations: int = PERMUTATIONS, json_path=None, html_path=None, force: bool = False) -> DriftReport:
+          permutations: int = PERMUTATIONS, json_path=None, html_path=None, force: bool = False, calibrate: bool = True) -> DriftReport:
     """``compress drift``: compare ``current`` (a DATA spec, a served model's log folder, a DataBundle or Dataset, or a
-    Profile) with the reference of the run directory ``run_dir`` (or one made from ``reference``, a DATA spec)."""
+    Profile) with the reference of the run directory ``run_dir`` (or one made from ``reference``, a DATA spec).
+    ``calibrate``: estimate the accuracy on synthetic shifts of the reference's inputs where they can be read again."""
     from .artifact import load_run_dir
 
     require("scipy", "drift", "compress drift")
@@ -469,7 +478,8 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
                                 f"Give more {side} data")
     tests, skipped = compare(ref, cur, alpha, permutations, seed)
     accuracy = {"reference": ref.accuracy}
-    est = estimate_accuracy(ref, cur, seed)
+    calibration = _calibration(artifact, ref, seed, notes) if calibrate and ref.correct is not None else None
+    est = estimate_accuracy(ref, cur, seed, calibration=calibration)
     if est is not None:
         accuracy.update(est)
         domain = next((t for t in tests if t.name == "domain"), None)
@@ -487,7 +497,7 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
                          ref.summary(), tests, skipped, alpha, accuracy, warnings=notes, ref_profile=ref, cur_profile=cur)
     if window_s is not None:
         report.window_s = window_s
-        report.windows, more = over_time(ref, cur, window_s, alpha, permutations, seed)
+        report.windows, more = over_time(ref, cur, window_s, alpha, permutations, seed, calibration)
         report.warnings += more
     if sample:
         report.written.append(str(write_sample(cur, sample, sample_out, seed, force=True)))
@@ -496,6 +506,25 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
                                    "find those requests' inputs in your own records to label them")
     report.written += [str(p) for p in write_outputs(report, json_path, html_path)]
     return report
+
+
+def _calibration(artifact, ref: Profile, seed: int, notes: list[str]) -> ShiftCalibration | None:
+    """Synthetic shifts of the reference's own inputs, read again from its DATA spec (images only); None, with a note
+    saying why the estimate falls back to confidences, where they cannot be read."""
+    if ref.kind != "image":
+        return None
+    from .data import load_data
+    from .drift_estimate import calibrate
+
+    try:
+        dataset = load_data(ref.data).eval
+        if ref.index is None or not len(ref.index) or int(ref.index.max()) >= len(dataset):
+            raise CompressError(f"its data {ref.data} no longer holds the samples it names", "")
+        return calibrate(artifact, ref, dataset, seed=seed)
+    except Exception as exc:  # noqa: BLE001 - the estimate falls back to confidences; the report says so
+        what = exc.what if isinstance(exc, CompressError) else f"{type(exc).__name__}: {exc}"
+        notes.append(f"the accuracy estimate uses confidences only (ATC): the reference's inputs could not be read again ({what})")
+        return None
 
 
 def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed: int, what: str) -> Profile:

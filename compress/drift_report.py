@@ -75,6 +75,11 @@ def accuracy_lines(report) -> list[str]:
         lo, hi = a.get("interval") or (a["estimated"], a["estimated"])
         lines.append(f"estimated accuracy on the current data: {a['estimated']:.1%} [{lo:.1%}, {hi:.1%}] by {a['method']} "
                      f"({-a['drop'] * 100:+.1f} points)")
+        if a.get("calibration"):
+            c = a["calibration"]
+            lines.append(f"the current data looks most like {', '.join(c['nearest'])} (confidence estimate "
+                         f"{a['methods']['atc_entropy']:.1%}, predicted-class shift {c['statistics']['predicted_shift']:.2f}, "
+                         f"distance {c['statistics']['distance']:+.2f})")
     if a.get("current"):
         m = a["current"]
         lines.append(f"measured accuracy on the current data's own labels ({m['labelled']} samples): {m['measured']:.1%} "

@@ -125,10 +125,34 @@ def test_a_mild_covariate_shift_is_found_and_its_accuracy_estimated(fm, blurred,
     acc = report.accuracy
     measured = acc["current"]["measured"]
     assert measured < acc["reference"] - 0.03                                  # blur costs accuracy ...
-    assert abs(acc["estimated"] - measured) < 0.03                              # ... and the estimate says how much
+    # ... and the estimate says how much: within 5 points on these 500 images (their own accuracy has a standard error
+    # of 1.5 points; the calibrated estimate's mean error on this shift is 1.7 points in benchmarks/results/drift)
+    assert abs(acc["estimated"] - measured) < 0.05 and acc["estimated"] < acc["reference"] - 0.03
     assert acc["interval"][0] <= measured <= acc["interval"][1]
     assert (tmp_path / "blur.html").is_file() and str(tmp_path / "blur.html") in report.written
 
+
+
+def test_a_confidently_wrong_model_is_caught_by_the_shift_calibrated_estimate(cli, fm, tmp_path):
+    # Brightness +0.3 (ImageNet-C's severity 3): the model keeps ~15% but stays confident, so confidences alone (ATC)
+    # say ~60%. The estimate calibrated on synthetic shifts of the reference (none of them brightness) says how much.
+    ref = Profile.load(fm)
+    test = load_data("fashion-mnist").eval
+    idx = np.random.default_rng(4).permutation(np.setdiff1d(np.arange(len(test)), ref.index))[:500]
+    x = torch.stack([test[int(i)][0] for i in idx]).numpy()
+    path = tmp_path / "bright.npz"
+    np.savez(path, inputs=((((x * FM_STD + FM_MEAN) + 0.3).clip(0, 1) - FM_MEAN) / FM_STD).astype(np.float32),
+             labels=np.array([test[int(i)][1] for i in idx]))
+    r = cli("drift", fm, "--current", f"tensors:{path}", "--json", tmp_path / "bright.json")
+    assert r.rc == 3, r.err
+    acc = json.loads((tmp_path / "bright.json").read_text())["accuracy"]
+    measured = acc["current"]["measured"]
+    assert measured < 0.3 and acc["methods"]["atc_entropy"] - measured > 0.3          # confidence alone is far off ...
+    assert abs(acc["estimated"] - measured) < 0.1 and "synthetic shifts" in acc["method"]      # ... the calibrated one is not
+    assert acc["calibration"]["nearest"] and "looks most like" in r.out
+    r = cli("drift", fm, "--current", f"tensors:{path}", "--no-calibration", "--json", tmp_path / "atc.json")
+    acc = json.loads((tmp_path / "atc.json").read_text())["accuracy"]
+    assert r.rc == 3 and acc["method"] == "ATC (negative entropy)" and "calibration" not in acc
 
 def test_sample_writes_k_rows_and_labels_give_a_measured_accuracy(cli, fm, blurred, tmp_path):
     path, labels = blurred
