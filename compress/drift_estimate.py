@@ -37,8 +37,10 @@ NEIGHBOURS = 10             # reference embeddings each sample's distance is tak
 POINTS = 8                  # calibration points the estimate averages
 DRAWS = 3                   # draws of each shifted set at the current sample's size
 RESAMPLES = 40              # clean and class-prior-shifted resamples of the reference
-MAX_CALIBRATION = 512       # reference samples corrupted per set
-BUDGET_S = 60.0             # profiling every set stops early (fewer severities) past this pace
+MAX_CALIBRATION = 512       # reference samples corrupted per set, at most ...
+MIN_CALIBRATION = 64        # ... and at least (fewer where the budget allows no more)
+OUTSIDE = 0.05              # a statistic this share of the calibration's range beyond it is outside
+BUDGET_S = 60.0             # profiling every set: fewer samples per set, then fewer severities, past this
 
 
 def corrupt(x: torch.Tensor, family: str, severity: int, generator: torch.Generator) -> torch.Tensor:
@@ -172,6 +174,13 @@ class ShiftCalibration:
         z = ((self.statistics(cur, dist) - mu) / sd)[None]
         est = float(np.clip(knn.predict(z)[0], 0, 1))
         near = knn.kneighbors(z, return_distance=False)[0]
+        # beyond every calibration point on some statistic (a new domain, MNIST digits to a Fashion-MNIST model): the
+        # neighbours are only the nearest edge, and both estimates tend to run high there, so the lower one is given
+        span = Z.max(0) - Z.min(0)
+        outside = bool(((z[0] < Z.min(0) - OUTSIDE * span) | (z[0] > Z.max(0) + OUTSIDE * span)).any())
+        atc = float(z[0, 0] * sd[0] + mu[0])
+        if outside and atc < est:
+            est = atc
         # how far off the method was on the nearest shifts when their family was left out of the calibration
         family = np.array([n.split("-")[0] if not n.startswith("reference") else "reference" for n in names])
         missed = np.zeros(len(y))
@@ -184,10 +193,11 @@ class ShiftCalibration:
             j = rng.integers(len(cur), size=len(cur))
             boots.append(float(knn.predict(((self.statistics(cur.take(j), dist[j]) - mu) / sd)[None])[0]))
         lo, hi = (np.percentile(boots, 2.5), np.percentile(boots, 97.5)) if boots else (est, est)
+        lo, hi = min(lo, est), max(hi, est)
         return {"estimated": est, "interval": [float(np.clip(lo - spread, 0, 1)), float(np.clip(hi + spread, 0, 1))],
                 "statistics": {"atc": float(z[0, 0] * sd[0] + mu[0]), "predicted_shift": float(z[0, 1] * sd[1] + mu[1]),
                                "distance": float(z[0, 2] * sd[2] + mu[2])},
-                "held_out_error": spread, "nearest": sorted({names[i] for i in near}), "shifts": len(self.sets)}
+                "held_out_error": spread, "nearest": sorted({names[i] for i in near}), "shifts": len(self.sets), "outside": outside}
 
 
 def _regressor(Z: np.ndarray, y: np.ndarray):
@@ -223,14 +233,20 @@ def calibrate(artifact, ref: Profile, dataset, *, seed: int = 0, budget_s: float
         families.remove("rotate")
     runner = runner or load_runner(artifact)
     sets, order = {}, [(f, s) for s in (1, 5, 3, 2, 4) for f in families]     # the extremes first: a cut keeps the range
+    take = min(len(x), MIN_CALIBRATION)            # the first set sets the pace: then as many samples as fit the budget
+    first = time.perf_counter()
     for k, (family, severity) in enumerate(order):
         spent = time.perf_counter() - started
+        if k == 1:
+            pace = (time.perf_counter() - first) / take
+            take = int(np.clip(budget_s / len(order) / pace, min(len(x), MIN_CALIBRATION), len(x)))
         if k >= 2 * len(families) and spent * (k + 1) / k > budget_s:
             log.info("shift calibration stopped after %d of %d sets (%.0f s)", k, len(order), spent)
             break
         g = torch.Generator().manual_seed(seed * 1000 + k)
-        data = ListData(list(corrupt(x, family, severity, g)), labels)
-        sets[f"{family}-{severity}"] = profile_data(artifact, data, kind="image", data=f"{family}-{severity}", num_classes=ref.meta.get("num_classes"),
-                                                    limit=None, indices=np.arange(len(data)), space=ref.space, runner=runner)
-        sets[f"{family}-{severity}"].index = idx          # each sample is the reference's sample of that index, corrupted
+        data = ListData(list(corrupt(x[:take], family, severity, g)), labels[:take])
+        name = f"{family}-{severity}"
+        sets[name] = profile_data(artifact, data, kind="image", data=name, num_classes=ref.meta.get("num_classes"), limit=None,
+                                  indices=np.arange(len(data)), space=ref.space, runner=runner)
+        sets[name].index = idx[:take]          # each sample is the reference's sample of that index, corrupted
     return ShiftCalibration(ref, sets, seconds=time.perf_counter() - started)

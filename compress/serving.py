@@ -52,6 +52,7 @@ class ServedModel:
     output_shapes: list[list[int]] = field(default_factory=list)
     output_dtypes: list[str] = field(default_factory=list)
     max_length: int = 512
+    fast: object = None                           # the fast tokenizer's own engine, truncating: one text without the wrapper
 
     # ------------------------------------------------------------ loading
     @classmethod
@@ -79,6 +80,7 @@ class ServedModel:
         name = name or _default_name(source)
         model = cls(name, artifact, runner, kind, tokenizer, None, norm)
         model.max_length = min(int(getattr(tokenizer, "model_max_length", 512) or 512), 512) if tokenizer is not None else 512
+        model.fast = _fast_tokenizer(tokenizer, model.max_length)
         model._describe_outputs()
         model.labels = _labels(artifact, data, model.output_shapes)
         return model
@@ -137,7 +139,11 @@ class ServedModel:
             raise BadRequest(f"this model takes {self.kind} inputs, not text", how="Send {\"inputs\": ...} or an image file")
         if not texts or not all(isinstance(t, str) for t in texts):
             raise BadRequest("'text' must be a string and 'texts' a non-empty list of strings")
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
+        if len(texts) == 1 and self.fast is not None:      # a third of the time of the wrapper's call, the same ids
+            e = self.fast.encode(texts[0])
+            enc = {"input_ids": np.array([e.ids]), "attention_mask": np.array([e.attention_mask]), "token_type_ids": np.array([e.type_ids])}
+        else:
+            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="np")
         by_name = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "token_type_ids": enc.get("token_type_ids")}
         arrays = []
         for i, s in enumerate(self.artifact.input_spec):
@@ -438,3 +444,20 @@ class OutputLog:
         if self.f is not None:
             self.f.close()
             self.f = None
+
+
+def _fast_tokenizer(tokenizer, max_length: int):
+    """A copy of a fast (Rust) tokenizer's engine that truncates to ``max_length`` and does not pad, or None. Only where
+    the wrapper adds nothing of its own: special tokens come from the engine's post-processor either way."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or getattr(tokenizer, "padding_side", "right") != "right":
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_str(backend.to_str())
+        fast.no_padding()
+        fast.enable_truncation(max_length)
+        return fast
+    except Exception:  # noqa: BLE001 - the wrapper's call stays the way
+        return None

@@ -48,8 +48,8 @@ def tiny_mlp(in_features: int = 4, out_features: int = 3, hidden: int = 16) -> n
 
 
 class Picky(nn.Module):
-    """A tiny MLP that fails on any input over 100 (a model error a server must survive) and takes 1.5 s on an input
-    of all -7 (a request still in flight when the server is told to stop)."""
+    """A tiny MLP that fails on any input over 100 (a model error a server must survive), takes 1.5 s on an input
+    of all -7 (a request still in flight when the server is told to stop) and answers NaN to an input of all -9."""
 
     def __init__(self, in_features: int = 4, out_features: int = 3):
         super().__init__()
@@ -62,6 +62,8 @@ class Picky(nn.Module):
             import time
 
             time.sleep(1.5)
+        if bool((x == -9).all()):
+            return self.fc(x) * float("nan")
         return self.fc(x)
 
 

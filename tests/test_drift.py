@@ -154,6 +154,19 @@ def test_a_confidently_wrong_model_is_caught_by_the_shift_calibrated_estimate(cl
     acc = json.loads((tmp_path / "atc.json").read_text())["accuracy"]
     assert r.rc == 3 and acc["method"] == "ATC (negative entropy)" and "calibration" not in acc
 
+
+def test_the_shift_calibration_fits_a_slow_model_into_its_budget(fm):
+    # A model too slow for 40 sets of 512 in the budget gets fewer samples per set, then only the mildest and the
+    # strongest severity of each family; each shifted sample still names the reference sample it was made from.
+    from compress.artifact import load_run_dir
+    from compress.drift_estimate import FAMILIES, MIN_CALIBRATION, calibrate
+
+    ref = Profile.load(fm)
+    cal = calibrate(load_run_dir(fm), ref, load_data("fashion-mnist").eval, budget_s=0.001)
+    assert sorted(cal.sets) == sorted(f"{f}-{s}" for f in FAMILIES for s in (1, 5))
+    assert all(len(p) == MIN_CALIBRATION and set(p.index) <= set(ref.index) for p in cal.sets.values())
+    assert cal.sets["contrast-5"].accuracy < 0.5 < cal.sets["gamma-1"].accuracy        # the families do hurt, by severity
+
 def test_sample_writes_k_rows_and_labels_give_a_measured_accuracy(cli, fm, blurred, tmp_path):
     path, labels = blurred
     sheet = tmp_path / "to-label.csv"

