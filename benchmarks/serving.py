@@ -12,8 +12,9 @@ itself a distilled model) with onnxruntime dynamic int8 — every server is load
    InferenceSession (all cores) — what the FastAPI/onnxruntime tutorials show;
 3. a default Ray Serve deployment of the same handler (``@serve.deployment`` + ``@serve.ingress``, one replica);
 4. the response cache: the recommended configuration under a Zipf(1.1) request mix, with and without --cache-size;
-5. the overhead at concurrency 1: compress serve's p50 (1 worker, 1 thread) minus the model's own p50 on the same
-   inputs (onnxruntime in this process, 1 thread).
+5. the overhead at concurrency 1: compress serve's p50 (1 worker, 1 thread, one request after another from a
+   keep-alive client) minus the model's own p50 on the same inputs (onnxruntime in this process, 1 thread), timed in
+   alternating blocks.
 
 Writes OUT/results.json and OUT/RESULTS.md with the machine it ran on.
 """
@@ -194,8 +195,8 @@ def measure_compress(run_dir: Path, config: dict, settings, label: str) -> list[
         stop_server(proc)
 
 
-def model_p50_ms(run_dir: Path, data: str, n: int = 300) -> float:
-    """The model's own batch-1 p50 on the same inputs the load sends, onnxruntime in process on 1 thread."""
+def model_feeds(run_dir: Path, data: str, n: int = 300):
+    """An onnxruntime session on 1 thread and the batch-1 feeds of the same inputs the load sends."""
     import onnxruntime as ort
 
     from compress.artifact import load_run_dir as load_artifact
@@ -215,14 +216,67 @@ def model_p50_ms(run_dir: Path, data: str, n: int = 300) -> float:
     else:
         for inputs, _ in batches(bundle.eval, art.input_spec, batch_size=1, limit=n):
             feeds.append({s.name: x.numpy() if hasattr(x, "numpy") else x for s, x in zip(art.input_spec, inputs)})
-    for f in feeds[:20]:
-        sess.run(None, f)
-    times = []
-    for f in feeds:
-        t0 = time.perf_counter()
-        sess.run(None, f)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    return sess, feeds
+
+
+def overhead(run_dir: Path, data: str, rounds: int = 15, block: int = 40) -> dict:
+    """What compress serve adds at one request in flight: its p50 (1 worker, 1 thread; a keep-alive HTTP/1.1 client
+    sending one request after another, as little client as Python has) against the model's own p50 (onnxruntime in
+    this process, 1 thread, the same inputs), timed in alternating blocks so both see the same machine: measured apart,
+    a 6 ms model's p50 drifts by more than the 1 ms the target allows."""
+    import http.client
+
+    from compress.loadtest import LoadSettings, _only_model, build_requests, free_port, start_server, stop_server, wait_ready
+
+    sess, feeds = model_feeds(run_dir, data)
+    port = free_port()
+    proc = start_server(str(run_dir), {"workers": 1, "threads_per_worker": 1}, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_ready(base, 300.0, proc)
+        reqs = build_requests(base, LoadSettings(data=data, name=_only_model(base)))
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        served, model, k = [], [], 0
+
+        def post(body: bytes) -> float:
+            t0 = time.perf_counter()
+            conn.request("POST", reqs.path, body=body, headers={"content-type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{reqs.path} answered {r.status}")
+            return (time.perf_counter() - t0) * 1000
+
+        for i in range(block):               # warm both
+            post(reqs.bodies[i % len(reqs.bodies)])
+            sess.run(None, feeds[i % len(feeds)])
+        for _ in range(rounds):
+            for _ in range(block):
+                served.append(post(reqs.bodies[k % len(reqs.bodies)]))
+                k += 1
+            for j in range(block):
+                t0 = time.perf_counter()
+                sess.run(None, feeds[(k - block + j) % len(feeds)])
+                model.append((time.perf_counter() - t0) * 1000)
+        conn.close()
+    finally:
+        stop_server(proc)
+    return {"served_p50_ms": float(np.median(served)), "model_p50_ms": float(np.median(model)), "requests": len(served),
+            "client": "http.client keep-alive, one request after another", "rounds": rounds, "block": block}
+
+
+def at_latency(mine: list[dict], theirs: list[dict]) -> tuple[float, dict, dict] | None:
+    """The throughput ratio at an equal or lower p99: for each of ``mine``'s levels, the most ``theirs`` holds at a p99
+    no higher than that level's; the level where the ratio is best. None where ``theirs`` never gets that low."""
+    out = None
+    for m in (r for r in mine if not r["errors"]):
+        fits = [t for t in theirs if not t["errors"] and t["p99_ms"] <= m["p99_ms"]]
+        if fits:
+            t = max(fits, key=lambda r: r["throughput_rps"])
+            ratio = m["throughput_rps"] / t["throughput_rps"]
+            if out is None or ratio > out[0]:
+                out = (ratio, m, t)
+    return out
 
 
 def best(rows: list[dict]) -> dict:
@@ -254,17 +308,22 @@ def run_model(key: str, settings, quick: bool) -> dict:
     print(f"[{key}] overhead at concurrency 1", flush=True)
     one = LoadSettings(**{**settings.__dict__, "concurrency": (1,)})
     c1 = measure_compress(run_dir, {"workers": 1, "threads_per_worker": 1}, one, "1 worker × 1 thread, concurrency 1")[0]
-    own = model_p50_ms(run_dir, data)
+    added = overhead(run_dir, data)
+    own = added["model_p50_ms"]
 
     top_c, top_t = best(rec_rows), best(tutorial)
     ray_ok = [r for r in ray_rows if "failed" not in r]
     top_r = best(ray_ok) if ray_ok else None
     cache_ratio = best(with_cache)["throughput_rps"] / best(without)["throughput_rps"]
+    slo = at_latency(rec_rows, tutorial)
     verdicts = [
         {"target": "≥ 2× the tutorial server's throughput at an equal or lower p99",
-         "measured": f"{top_c['throughput_rps']:.0f} vs {top_t['throughput_rps']:.0f} req/s ({top_c['throughput_rps'] / top_t['throughput_rps']:.2f}×), "
-                     f"p99 {top_c['p99_ms']:.1f} vs {top_t['p99_ms']:.1f} ms",
-         "passed": top_c["throughput_rps"] >= 2 * top_t["throughput_rps"] and top_c["p99_ms"] <= top_t["p99_ms"]},
+         "measured": (f"{slo[1]['throughput_rps']:.0f} req/s at p99 {slo[1]['p99_ms']:.1f} ms ({slo[1]['concurrency']} in flight) vs the most the "
+                      f"tutorial holds at a p99 no higher, {slo[2]['throughput_rps']:.0f} req/s (p99 {slo[2]['p99_ms']:.1f} ms, "
+                      f"{slo[2]['concurrency']} in flight): {slo[0]:.2f}×; peaks {top_c['throughput_rps']:.0f} vs "
+                      f"{top_t['throughput_rps']:.0f} req/s ({top_c['throughput_rps'] / top_t['throughput_rps']:.2f}×)") if slo else
+                     f"the tutorial never reaches compress's p99; peaks {top_c['throughput_rps']:.0f} vs {top_t['throughput_rps']:.0f} req/s",
+         "passed": slo is not None and slo[0] >= 2},
         {"target": "≥ a default Ray Serve deployment's throughput",
          "measured": (f"{top_c['throughput_rps']:.0f} vs {top_r['throughput_rps']:.0f} req/s ({top_c['throughput_rps'] / top_r['throughput_rps']:.2f}×)"
                       if top_r else ray_rows[0].get("failed")),
@@ -272,11 +331,13 @@ def run_model(key: str, settings, quick: bool) -> dict:
         {"target": "the cache raises throughput ≥ 3× under Zipf(1.1)",
          "measured": f"{cache_ratio:.2f}× (hit rate {best(with_cache).get('cache_hit_rate', 0):.0%})", "passed": cache_ratio >= 3},
         {"target": "≤ 1 ms over the model's own p50 at concurrency 1",
-         "measured": f"{c1['p50_ms']:.2f} ms served vs {own:.2f} ms model: +{c1['p50_ms'] - own:.2f} ms", "passed": c1["p50_ms"] - own <= 1.0},
+         "measured": f"{added['served_p50_ms']:.2f} ms served vs {own:.2f} ms model, timed in alternating blocks: "
+                     f"+{added['served_p50_ms'] - own:.2f} ms (the load client's concurrency-1 row: {c1['p50_ms']:.2f} ms)",
+         "passed": added["served_p50_ms"] - own <= 1.0},
     ]
     return {"model": key, "data": data, "artifact": str(run_dir.relative_to(ROOT)), "recommended": rec, "sweep": swept["rows"],
             "tutorial": tutorial, "ray": ray_rows, "zipf_without_cache": without, "zipf_with_cache": with_cache,
-            "concurrency1": c1, "model_p50_ms": own, "verdicts": verdicts}
+            "concurrency1": c1, "model_p50_ms": own, "overhead": added, "verdicts": verdicts}
 
 
 def markdown(results: dict) -> str:
@@ -294,7 +355,8 @@ def markdown(results: dict) -> str:
         rows = r["sweep"] + r["tutorial"] + [x for x in r["ray"] if "failed" not in x] + r["zipf_without_cache"] + r["zipf_with_cache"] + [r["concurrency1"]]
         lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in table_rows({"rows": rows})]
         lines += [f"\nFailed: {x['server']}: {x['failed']}" for x in r["ray"] if "failed" in x]
-        lines.append(f"\nThe model alone (onnxruntime, 1 thread, batch 1, same inputs): p50 {r['model_p50_ms']:.2f} ms.\n")
+        lines.append(f"\nThe model alone (onnxruntime, 1 thread, batch 1, same inputs, timed in blocks alternating with "
+                     f"{r['overhead']['requests']} served requests): p50 {r['model_p50_ms']:.2f} ms.\n")
     return "\n".join(lines) + "\n"
 
 

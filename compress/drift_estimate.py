@@ -171,16 +171,16 @@ class ShiftCalibration:
         Z = (X - mu) / sd
         knn = _regressor(Z, y)
         dist = self.distances(cur)
-        z = ((self.statistics(cur, dist) - mu) / sd)[None]
+        stats = self.statistics(cur, dist)
+        z = ((stats - mu) / sd)[None]
         est = float(np.clip(knn.predict(z)[0], 0, 1))
         near = knn.kneighbors(z, return_distance=False)[0]
         # beyond every calibration point on some statistic (a new domain, MNIST digits to a Fashion-MNIST model): the
         # neighbours are only the nearest edge, and both estimates tend to run high there, so the lower one is given
         span = Z.max(0) - Z.min(0)
         outside = bool(((z[0] < Z.min(0) - OUTSIDE * span) | (z[0] > Z.max(0) + OUTSIDE * span)).any())
-        atc = float(z[0, 0] * sd[0] + mu[0])
-        if outside and atc < est:
-            est = atc
+        if outside and stats[0] < est:
+            est = float(stats[0])
         # how far off the method was on the nearest shifts when their family was left out of the calibration
         family = np.array([n.split("-")[0] if not n.startswith("reference") else "reference" for n in names])
         missed = np.zeros(len(y))
@@ -195,8 +195,7 @@ class ShiftCalibration:
         lo, hi = (np.percentile(boots, 2.5), np.percentile(boots, 97.5)) if boots else (est, est)
         lo, hi = min(lo, est), max(hi, est)
         return {"estimated": est, "interval": [float(np.clip(lo - spread, 0, 1)), float(np.clip(hi + spread, 0, 1))],
-                "statistics": {"atc": float(z[0, 0] * sd[0] + mu[0]), "predicted_shift": float(z[0, 1] * sd[1] + mu[1]),
-                               "distance": float(z[0, 2] * sd[2] + mu[2])},
+                "statistics": {"atc": float(stats[0]), "predicted_shift": float(stats[1]), "distance": float(stats[2])},
                 "held_out_error": spread, "nearest": sorted({names[i] for i in near}), "shifts": len(self.sets), "outside": outside}
 
 
