@@ -226,7 +226,7 @@ def overhead(run_dir: Path, data: str, rounds: int = 15, block: int = 40) -> dic
     a 6 ms model's p50 drifts by more than the 1 ms the target allows."""
     import http.client
 
-    from compress.loadtest import LoadSettings, _only_model, build_requests, free_port, start_server, stop_server, wait_ready
+    from compress.loadtest import LoadSettings, only_model, build_requests, free_port, start_server, stop_server, wait_ready
 
     sess, feeds = model_feeds(run_dir, data)
     port = free_port()
@@ -234,7 +234,7 @@ def overhead(run_dir: Path, data: str, rounds: int = 15, block: int = 40) -> dic
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, 300.0, proc)
-        reqs = build_requests(base, LoadSettings(data=data, name=_only_model(base)))
+        reqs = build_requests(base, LoadSettings(data=data, name=only_model(base)))
         conn = http.client.HTTPConnection("127.0.0.1", port)
         served, model, k = [], [], 0
 

@@ -241,7 +241,7 @@ def measure(url: str, settings: LoadSettings, progress: Progress = SILENT, label
     host, port = m.group(1), int(m.group(2) or 80)
     wait_ready(base, 10.0)
     if settings.name is None:
-        settings.name = _only_model(base)
+        settings.name = only_model(base)
     reqs = build_requests(base, settings)
     rows = []
     with progress.task(f"load on {label or base}", total=len(settings.concurrency)) as task:
@@ -265,7 +265,7 @@ def _get_json(url: str, timeout: float = 10.0):
         raise CompressError(f"cannot reach {url} ({getattr(exc, 'reason', exc)})", "Start the server first, or give a RUN_DIR") from None
 
 
-def _only_model(base: str) -> str:
+def only_model(base: str) -> str:
     req = urllib.request.Request(f"{base}/v2/repository/index", data=b"{}", headers={"content-type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as r:
