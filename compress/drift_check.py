@@ -287,7 +287,7 @@ def estimate_accuracy(ref: Profile, cur: Profile, seed: int = 0, bootstrap: int 
                        "doc": float(right.mean() - (conf_r.mean() - conf_c.mean())), "calibrated_confidence": _calibrated(conf_r, right, conf_c)}}
     if calibration is not None:
         cal = calibration.estimate(cur, seed, bootstrap)
-        out.update({"method": f"calibrated on {cal['shifts']} synthetic shifts of the reference", "estimated": cal["estimated"],
+        out.update({"method": f"calibration on {cal['shifts']} synthetic shifts of the reference", "estimated": cal["estimated"],
                     "interval": cal["interval"], "drop": float(right.mean() - cal["estimated"]),
                     "calibration": {"nearest": cal["nearest"], "statistics": cal["statistics"], "seconds": calibration.seconds}})
         out["methods"]["shift_calibrated"] = cal["estimated"]
@@ -484,7 +484,7 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
         accuracy.update(est)
         domain = next((t for t in tests if t.name == "domain"), None)
         if domain is not None and domain.statistic >= FAR_AUC:
-            accuracy["note"] = (f"the current data is far from the reference (domain AUC {domain.statistic:.2f}): confidence-based "
+            accuracy["note"] = (f"the current data is far from the reference (domain AUC {domain.statistic:.2f}): accuracy "
                                 "estimates can be far off there (see benchmarks/results/drift); measure with --sample K, then --labels")
     elif ref.classifier:
         accuracy["note"] = "no estimate: the reference has no labels to calibrate the confidences on"
