@@ -276,7 +276,7 @@ def estimate_accuracy(ref: Profile, cur: Profile, seed: int = 0, bootstrap: int 
     atc = atc_share(ref_s, right, cur_s)
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(bootstrap):
+    for _ in range(bootstrap if calibration is None else 0):       # (the calibrated estimate brings its own interval)
         i, j = rng.integers(len(ref_s), size=len(ref_s)), rng.integers(len(cur_s), size=len(cur_s))
         boots.append(atc_share(ref_s[i], right[i], cur_s[j]))
     conf_r, conf_c = ref.confidence[known], cur.confidence
