@@ -28,7 +28,7 @@ TARGETS = ("ray", "triton", "docker")
 MARKER = "package.json"             # what compress package wrote: lets --force replace an OUT it made
 NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".ot", ".gguf", ".tflite")
-SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus-client", "python-multipart", "orjson")
+SERVE_PACKAGES = ("fastapi", "uvicorn", "httptools", "uvloop", "prometheus-client", "python-multipart", "orjson")
 GPU_ONLY = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")     # torch's CUDA libraries: the image installs torch's CPU wheel
 
 

@@ -387,6 +387,12 @@ def test_raw_text_is_tokenized_by_the_server_batched_and_cached(minilm):
     assert r.status_code == 422 and "list" in r.json()["error"]
     r = minilm.post("/predict", json={"text": 42})
     assert r.status_code == 422
+    # only answers are kept: the same bad request is refused again, not served from the request cache
+    hits, errors = minilm.metric("compress_cache_hits_total", level="request"), minilm.metric("compress_errors_total", code="422")
+    r = minilm.post("/predict", json={"text": 42})
+    assert r.status_code == 422 and "string" in r.json()["error"]
+    assert minilm.metric("compress_cache_hits_total", level="request") == hits
+    assert minilm.metric("compress_errors_total", code="422") == errors + 1
 
 
 # ---------------------------------------------------------------- loadtest
