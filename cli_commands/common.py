@@ -53,7 +53,8 @@ def global_flags(fn):
 
 # ---------------------------------------------------------------- the terminal: messages on stderr, tables on stdout
 def console() -> Console:
-    return Console(stderr=True, highlight=False)
+    # soft_wrap: a message is never broken at the terminal's width, so a path in it stays one piece to copy
+    return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def out_console() -> Console:
