@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -73,7 +74,9 @@ def read_state_dict(path: Path, trust_pickle: bool = False, verify: bool = True)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise CompressError(f"{path} is not a readable safetensors file ({first_line(exc, 160)})", "The file is corrupt or truncated; recreate it") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():     # torch's own unpickler of quantized tensors trips its TypedStorage deprecation
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _looks_like_pickle(path):
             raise CompressError(f"{path} is not a PyTorch checkpoint ({_pickle_problem(exc)})", "Give a .pt/.pth/.safetensors state dict, an .onnx, a .pt2 or a TorchScript file") from None

@@ -471,7 +471,7 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
     elif isinstance(current, (str, Path)) and is_log_dir(current):
         ref, cur, notes = read_log(Path(current), ref, model)
     else:
-        cur = _profile_current(artifact, current, ref, limit=limit, seed=seed + 1, what="--current")
+        cur = _profile_current(artifact, current, ref, limit=limit, seed=seed + 1, what="--current", notes=notes)
     for side, prof in (("reference", ref), ("current", cur)):
         if len(prof) < MIN_SAMPLES:
             raise CompressError(f"the {side} data has only {len(prof)} samples; drift tests need at least {MIN_SAMPLES}",
@@ -527,7 +527,7 @@ def _calibration(artifact, ref: Profile, seed: int, notes: list[str]) -> ShiftCa
         return None
 
 
-def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed: int, what: str) -> Profile:
+def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed: int, what: str, notes: list | None = None) -> Profile:
     """Profile a DATA spec, a DataBundle or a Dataset with the reference's embedding space: all its samples (up to
     ``limit``, drawn at random), or, when it is the reference's own data set, its held-out samples the reference does
     not hold."""
@@ -557,8 +557,16 @@ def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed
         # the reference's own data set: its held-out split, leaving out the samples the reference holds
         return profile_bundle(artifact, bundle, limit=limit, seed=seed, exclude=ref.index if ref is not None else None, space=space)
     # new data: all of it (a tensors: file or image folder is not split in two here; the model was not made on it)
-    return profile_data(artifact, _whole(bundle), kind=bundle.kind, data=bundle.name, num_classes=bundle.num_classes,
-                        labelled=bundle.labelled, limit=limit, seed=seed, space=space)
+    num_classes, labelled = bundle.num_classes, bundle.labelled
+    if ref is not None and ref.classifier and num_classes and num_classes != ref.outputs.shape[1]:
+        # labels of another task (faces / not faces for an ImageNet model): the model is still a classifier, and
+        # those labels measure nothing about it
+        if labelled and notes is not None:
+            notes.append(f"{bundle.name} is labelled with {num_classes} classes, not this model's {ref.outputs.shape[1]}: "
+                         "its labels are not used (no measured accuracy on it)")
+        num_classes, labelled = None, False
+    return profile_data(artifact, _whole(bundle), kind=bundle.kind, data=bundle.name, num_classes=num_classes,
+                        labelled=labelled, limit=limit, seed=seed, space=space)
 
 
 def _whole(bundle):

@@ -119,6 +119,17 @@ def test_a_new_domain_is_drift_and_the_same_distribution_is_not(cli, fm, tmp_pat
     assert acc["current"]["interval"][0] < acc["current"]["measured"] < acc["current"]["interval"][1]
 
 
+def test_labels_of_another_task_are_not_taken_for_the_models_classes(cli, fm, tmp_path):
+    """Faces / not faces (2 classes) for a 10-class model: still a classifier, so confidence is tested and the accuracy
+    estimated; the 0/1 labels measure nothing about its classes and are not scored."""
+    r = cli("drift", fm, "--current", "lfw-faces", "--json", tmp_path / "lfw.json")
+    assert r.rc == 3, r.err
+    doc = json.loads((tmp_path / "lfw.json").read_text())
+    assert "confidence" in doc["drifted_tests"] and "current" not in doc["accuracy"]
+    assert doc["accuracy"]["estimated"] < 0.5
+    assert "labelled with 2 classes, not this model's 10" in r.err and "TypedStorage" not in r.err
+
+
 def test_a_mild_covariate_shift_is_found_and_its_accuracy_estimated(fm, blurred, tmp_path):
     report = compress.drift(fm, current=f"tensors:{blurred[0]}", html_path=tmp_path / "blur.html")   # the Python API: same path
     assert report.exit_code == 3 and report.drifted and report.current["samples"] == 500
