@@ -252,7 +252,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
         served(name)
         return {"name": name, "ready": True}
 
-    async def answered(request, compute) -> Response:
+    async def answered(compute) -> Response:
         return Response(_dumps(await compute()), media_type="application/json")
 
     async def infer(request: Request):
@@ -270,7 +270,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
                        for j, (n, o) in enumerate(zip(m.output_names, outs)) if not wanted or n in wanted]
             return {"model_name": m.name, "model_version": "1", **({"id": body["id"]} if "id" in body else {}), "outputs": tensors}
 
-        return await answered(request, compute)
+        return await answered(compute)
 
     async def predict(request: Request):
         m = state["model"]
@@ -300,7 +300,7 @@ def create_app(config: ServeConfig, model: ServedModel | None = None, batcher=Ba
                 raise BadRequest("the body needs 'text', 'texts' or 'inputs' (or send an image as multipart field 'file')")
             return {key: [a.get(key) for a in answers] for key in answers[0]}
 
-        return await answered(request, compute)
+        return await answered(compute)
 
     async def _answers(m: ServedModel, arrays, request_id: str | None = None) -> list[dict]:
         arrays = m.check(arrays)
@@ -490,9 +490,10 @@ class _RequestCache:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        length = dict(scope.get("headers") or []).get(b"content-length", b"") if path else b""
+        headers = dict(scope.get("headers") or []) if path else {}
+        length = headers.get(b"content-length", b"")
         if scope.get("method") != "POST" or not (path == "/predict" or path.endswith("/infer")) or not length.isdigit() \
-                or int(length) > self.limit or dict(scope["headers"]).get(b"content-type", b"").startswith(b"multipart/"):
+                or int(length) > self.limit or headers.get(b"content-type", b"").startswith(b"multipart/"):
             return await self.app(scope, receive, send)
         chunks, more = [], True
         while more:
