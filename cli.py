@@ -425,10 +425,32 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _redeliver_interrupts(args) -> None:
+    """An interrupt that lands inside a callback Python cannot raise from (a weakref callback in the import machinery, a
+    ``__del__``) is not lost and not printed as "Exception ignored … Traceback": the signal is sent again a moment later
+    (from a thread: sent from here, it would be raised inside this hook and lost again), so it is raised in the run's own
+    code and stops the run the usual way."""
+    if args.exc_type is not None and issubclass(args.exc_type, (KeyboardInterrupt, Terminated)):
+        import os
+        import threading
+        import time
+
+        signum = signal.SIGTERM if issubclass(args.exc_type, Terminated) else signal.SIGINT
+        threading.Thread(target=lambda: (time.sleep(0.02), os.kill(os.getpid(), signum)), daemon=True).start()
+        return
+    sys.__unraisablehook__(args)
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM stops a run like Ctrl-C; an interrupt raised where Python cannot raise is delivered again."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.unraisablehook = _redeliver_interrupts
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     flags = Flags(debug="--debug" in argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signal_handlers()
     if not flags.debug:
         # Libraries' internal deprecation chatter (torch's pytree notices when torchao is imported, "torch.jit.load is
         # deprecated" when a TorchScript artifact is benched) is not for users.
@@ -452,15 +474,10 @@ def _main(argv: list[str], flags: Flags) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, click.exceptions.Abort, Terminated) as exc:
-        # click turns Ctrl-C into Abort; the interrupt it came from carries what the pipeline kept
-        kept = getattr(exc, "kept_stages", None) or getattr(exc.__cause__ or exc.__context__, "kept_stages", None)
-        if kept:
-            console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
-                            soft_wrap=True)
-        else:
-            console().print("[red]interrupted[/red]: nothing half-written was left behind")
-        return 130
+        return _interrupted(exc, argv)
     except CompressError as exc:
+        if _interrupt_behind(exc):
+            return _interrupted(exc, argv)
         if flags.debug:
             traceback.print_exc()
         if isinstance(exc, StagesKept):
@@ -470,6 +487,8 @@ def _main(argv: list[str], flags: Flags) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 1
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line unless --debug
+        if _interrupt_behind(exc) and not flags.debug:
+            return _interrupted(exc, argv)
         if flags.debug:
             traceback.print_exc()
         from compress.errors import first_line
@@ -485,3 +504,30 @@ def entry() -> None:
 
 if __name__ == "__main__":
     entry()
+
+
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM an error was raised while handling, if any: an interrupt in the middle of an import leaves
+    the module half-loaded, and the cleanup that runs next may fail on it ("cannot load module more than once") — the
+    user pressed Ctrl-C and is told so, not asked to report a bug."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(exc: BaseException, argv: list[str]) -> int:
+    # click turns Ctrl-C into Abort: the interrupt it came from, or the error raised after it, carries what the run kept
+    kept, seen = None, set()
+    while exc is not None and kept is None and id(exc) not in seen:
+        seen.add(id(exc))
+        kept, exc = getattr(exc, "kept_stages", None), exc.__cause__ or exc.__context__
+    if kept:
+        console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
+                        soft_wrap=True)
+    else:
+        console().print("[red]interrupted[/red]: nothing half-written was left behind")
+    return 130

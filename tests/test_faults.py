@@ -226,6 +226,28 @@ def test_kills_at_random_points_leave_out_whole_or_absent_and_the_input_intact(t
     assert [n for n in _dot_entries(tmp_path) if n != ".out.lock"] == []
 
 
+@pytest.mark.parametrize("exc", ["KeyboardInterrupt", "cli.Terminated"])
+def test_an_interrupt_inside_a_callback_is_delivered_again_not_printed_or_lost(exc):
+    """Ctrl-C or SIGTERM landing in a callback Python cannot raise from (a weakref callback of the import machinery, a
+    ``__del__``) printed "Exception ignored … Traceback" and the run went on; now it stops the run in its own code."""
+    script = f"""
+import time, cli
+cli.install_signal_handlers()
+class Bomb:
+    def __del__(self):
+        raise {exc}()
+try:
+    Bomb()
+    time.sleep(10)
+    print("went on")
+except (KeyboardInterrupt, cli.Terminated) as e:
+    print("stopped by", type(e).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == f"stopped by {exc.split('.')[-1]}", (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+
+
 def test_sigkill_mid_run_keeps_the_committed_stages_and_the_next_run_removes_the_partial(tmp_path, cli):
     """kill -9 cannot be caught: the stages committed so far stay whole in OUT (its manifest says "incomplete" and names
     the last one), the stage being written stays hidden, marked with the dead pid, and --resume removes it and goes on."""
@@ -649,6 +671,28 @@ def test_debug_shows_the_traceback_of_a_stage_error(tmp_path, cli):
     assert r.rc == 1 and "Traceback (most recent call last)" in r.err and "CompressError" in r.err
     assert r.err_lines[-1].startswith("error: ") and "could not be read" in r.err_lines[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, "Terminated"])
+def test_an_error_raised_after_ctrl_c_reports_the_interrupt_not_a_bug(tmp_path, cli, monkeypatch, interrupt):
+    """Ctrl-C in the middle of an import leaves the module half-loaded, and the cleanup after it may fail on it (numpy's
+    "cannot load module more than once per process"): that was printed as an unexpected error to report, exit 1."""
+    import compress.measure
+    from cli import Terminated
+
+    stop = Terminated if interrupt == "Terminated" else interrupt
+
+    def half_loaded(*args, **kwargs):
+        try:
+            raise stop()
+        except BaseException:
+            raise ImportError("cannot load module more than once per process")
+
+    monkeypatch.setattr(compress.measure, "bench_sources", half_loaded)
+    torch.save(models.tiny_cnn(num_classes=5).state_dict(), tmp_path / "m.pt")
+    r = cli("bench", tmp_path / "m.pt", *TINY)
+    assert r.rc == 130 and r.err_lines[-1].startswith("interrupted: "), r.err
+    assert "unexpected" not in r.err and "report" not in r.err
 
 
 # ---------------------------------------------------------------- a full disk, for real
