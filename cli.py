@@ -425,6 +425,9 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+_previous_unraisablehook = sys.unraisablehook   # what prints (or, under pytest, collects) every other one
+
+
 def _redeliver_interrupts(args) -> None:
     """An interrupt that lands inside a callback Python cannot raise from (a weakref callback in the import machinery, a
     ``__del__``) is not lost and not printed as "Exception ignored … Traceback": the signal is sent again a moment later
@@ -438,13 +441,42 @@ def _redeliver_interrupts(args) -> None:
         signum = signal.SIGTERM if issubclass(args.exc_type, Terminated) else signal.SIGINT
         threading.Thread(target=lambda: (time.sleep(0.02), os.kill(os.getpid(), signum)), daemon=True).start()
         return
-    sys.__unraisablehook__(args)
+    _previous_unraisablehook(args)
+
+
+def _interrupt_behind(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM an error was raised while handling, if any: an interrupt in the middle of an import leaves
+    the module half-loaded, and the cleanup that runs next may fail on it ("cannot load module more than once") — the
+    user pressed Ctrl-C and is told so, not asked to report a bug."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _interrupted(exc: BaseException, argv: list[str]) -> int:
+    # click turns Ctrl-C into Abort: the interrupt it came from, or the error raised after it, carries what the run kept
+    kept, seen = None, set()
+    while exc is not None and kept is None and id(exc) not in seen:
+        seen.add(id(exc))
+        kept, exc = getattr(exc, "kept_stages", None), exc.__cause__ or exc.__context__
+    if kept:
+        console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
+                        soft_wrap=True)
+    else:
+        console().print("[red]interrupted[/red]: nothing half-written was left behind")
+    return 130
 
 
 def install_signal_handlers() -> None:
     """SIGTERM stops a run like Ctrl-C; an interrupt raised where Python cannot raise is delivered again."""
+    global _previous_unraisablehook
     signal.signal(signal.SIGTERM, _on_sigterm)
-    sys.unraisablehook = _redeliver_interrupts
+    if sys.unraisablehook is not _redeliver_interrupts:
+        _previous_unraisablehook, sys.unraisablehook = sys.unraisablehook, _redeliver_interrupts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -505,29 +537,3 @@ def entry() -> None:
 if __name__ == "__main__":
     entry()
 
-
-def _interrupt_behind(exc: BaseException) -> BaseException | None:
-    """The Ctrl-C or SIGTERM an error was raised while handling, if any: an interrupt in the middle of an import leaves
-    the module half-loaded, and the cleanup that runs next may fail on it ("cannot load module more than once") — the
-    user pressed Ctrl-C and is told so, not asked to report a bug."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (KeyboardInterrupt, Terminated)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _interrupted(exc: BaseException, argv: list[str]) -> int:
-    # click turns Ctrl-C into Abort: the interrupt it came from, or the error raised after it, carries what the run kept
-    kept, seen = None, set()
-    while exc is not None and kept is None and id(exc) not in seen:
-        seen.add(id(exc))
-        kept, exc = getattr(exc, "kept_stages", None), exc.__cause__ or exc.__context__
-    if kept:
-        console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
-                        soft_wrap=True)
-    else:
-        console().print("[red]interrupted[/red]: nothing half-written was left behind")
-    return 130

@@ -453,8 +453,17 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
     if not run_dir.is_dir():
         raise CompressError(f"{run_dir} is not a run directory", "Give a directory written by a compress command with --data")
     artifact = load_run_dir(run_dir)
+    loaded = []
+
+    def runner():   # the model is loaded once, when a step first runs it, for every step that does
+        if not loaded:
+            from .runners import load_runner
+
+            loaded.append(load_runner(artifact))
+        return loaded[0]
+
     if reference is not None:
-        ref = _profile_current(artifact, reference, None, limit=512, seed=seed, what="--reference")
+        ref = _profile_current(artifact, reference, None, limit=512, seed=seed, what="--reference", runner=runner)
     else:
         ref = Profile.load(run_dir)
         if ref is None:
@@ -471,14 +480,14 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
     elif isinstance(current, (str, Path)) and is_log_dir(current):
         ref, cur, notes = read_log(Path(current), ref, model)
     else:
-        cur = _profile_current(artifact, current, ref, limit=limit, seed=seed + 1, what="--current", notes=notes)
+        cur = _profile_current(artifact, current, ref, limit=limit, seed=seed + 1, what="--current", notes=notes, runner=runner)
     for side, prof in (("reference", ref), ("current", cur)):
         if len(prof) < MIN_SAMPLES:
             raise CompressError(f"the {side} data has only {len(prof)} samples; drift tests need at least {MIN_SAMPLES}",
                                 f"Give more {side} data")
     tests, skipped = compare(ref, cur, alpha, permutations, seed)
     accuracy = {"reference": ref.accuracy}
-    calibration = _calibration(artifact, ref, seed, notes) if calibrate and ref.correct is not None else None
+    calibration = _calibration(artifact, ref, seed, notes, runner) if calibrate and ref.correct is not None else None
     est = estimate_accuracy(ref, cur, seed, calibration=calibration)
     if est is not None:
         accuracy.update(est)
@@ -508,7 +517,7 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
     return report
 
 
-def _calibration(artifact, ref: Profile, seed: int, notes: list[str]) -> ShiftCalibration | None:
+def _calibration(artifact, ref: Profile, seed: int, notes: list[str], runner) -> ShiftCalibration | None:
     """Synthetic shifts of the reference's own inputs, read again from its DATA spec (images only); None, with a note
     saying why the estimate falls back to confidences, where they cannot be read."""
     if ref.kind != "image":
@@ -520,14 +529,15 @@ def _calibration(artifact, ref: Profile, seed: int, notes: list[str]) -> ShiftCa
         dataset = load_data(ref.data).eval
         if ref.index is None or not len(ref.index) or int(ref.index.max()) >= len(dataset):
             raise CompressError(f"its data {ref.data} no longer holds the samples it names", "")
-        return calibrate(artifact, ref, dataset, seed=seed)
+        return calibrate(artifact, ref, dataset, seed=seed, runner=runner())
     except Exception as exc:  # noqa: BLE001 - the estimate falls back to confidences; the report says so
         what = exc.what if isinstance(exc, CompressError) else f"{type(exc).__name__}: {exc}"
         notes.append(f"the accuracy estimate uses confidences only (ATC): the reference's inputs could not be read again ({what})")
         return None
 
 
-def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed: int, what: str, notes: list | None = None) -> Profile:
+def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed: int, what: str, notes: list | None = None,
+                     runner=None) -> Profile:
     """Profile a DATA spec, a DataBundle or a Dataset with the reference's embedding space: all its samples (up to
     ``limit``, drawn at random), or, when it is the reference's own data set, its held-out samples the reference does
     not hold."""
@@ -555,7 +565,8 @@ def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed
     space = ref.space if ref is not None else None
     if ref is None or bundle.name == ref.data:
         # the reference's own data set: its held-out split, leaving out the samples the reference holds
-        return profile_bundle(artifact, bundle, limit=limit, seed=seed, exclude=ref.index if ref is not None else None, space=space)
+        return profile_bundle(artifact, bundle, limit=limit, seed=seed, exclude=ref.index if ref is not None else None, space=space,
+                              runner=runner() if runner else None)
     # new data: all of it (a tensors: file or image folder is not split in two here; the model was not made on it)
     num_classes, labelled = bundle.num_classes, bundle.labelled
     if ref is not None and ref.classifier and num_classes and num_classes != ref.outputs.shape[1]:
@@ -566,7 +577,7 @@ def _profile_current(artifact, current, ref: Profile | None, *, limit: int, seed
                          "its labels are not used (no measured accuracy on it)")
         num_classes, labelled = None, False
     return profile_data(artifact, _whole(bundle), kind=bundle.kind, data=bundle.name, num_classes=num_classes,
-                        labelled=labelled, limit=limit, seed=seed, space=space)
+                        labelled=labelled, limit=limit, seed=seed, space=space, runner=runner() if runner else None)
 
 
 def _whole(bundle):

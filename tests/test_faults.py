@@ -231,7 +231,8 @@ def test_an_interrupt_inside_a_callback_is_delivered_again_not_printed_or_lost(e
     """Ctrl-C or SIGTERM landing in a callback Python cannot raise from (a weakref callback of the import machinery, a
     ``__del__``) printed "Exception ignored … Traceback" and the run went on; now it stops the run in its own code."""
     script = f"""
-import time, cli
+import signal, time, cli
+signal.signal(signal.SIGINT, signal.default_int_handler)   # a background job (nohup, CI) may start with SIGINT ignored
 cli.install_signal_handlers()
 class Bomb:
     def __del__(self):

@@ -157,3 +157,16 @@ def test_no_public_verb_is_shadowed_by_a_module():
 
     clash = [n for n in compress.__all__ if (ROOT / "compress" / f"{n}.py").exists() or (ROOT / "compress" / n).is_dir()]
     assert not clash, f"modules named like public verbs: {clash}"
+
+
+def test_a_main_block_comes_last():
+    """``python -m cli`` runs the ``if __name__ == "__main__":`` block as it reaches it: a function defined below it does
+    not exist yet (a NameError once broke every ``python -m cli`` error path this way)."""
+    late = []
+    for path in sorted([ROOT / "cli.py", *(ROOT / "compress").rglob("*.py"), *(ROOT / "cli_commands").glob("*.py"),
+                        *(ROOT / "benchmarks").glob("*.py"), *(ROOT / "exporters").rglob("*.py")]):
+        body = ast.parse(path.read_text()).body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and i != len(body) - 1:
+                late.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not late, f"statements follow the __main__ block in {late}"
