@@ -485,8 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     install_signal_handlers()
     if not flags.debug:
         # Libraries' internal deprecation chatter (torch's pytree notices when torchao is imported, "torch.jit.load is
-        # deprecated" when a TorchScript artifact is benched) is not for users.
+        # deprecated" when a TorchScript artifact is benched, "No CUDA runtime is found, using CUDA_HOME" when an
+        # AOTInductor candidate is built on a CPU machine) is not for users.
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     with _logging(flags):

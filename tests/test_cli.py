@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,15 @@ def test_sweep_measures_each_amount_and_is_checked_before_running(cli, tmp_path,
         assert r.rc == 1 and len(r.err_lines) == 1 and why in r.err and not (tmp_path / "bad").exists(), r.err
     r = cli("distill", tiny_state[0], *tiny, "--teacher", tiny_state[0], "-s", "sweep=0.5", "--data", "digits", "-o", tmp_path / "kd")
     assert r.rc == 1 and "distill kd has no amount to sweep" in r.err
+
+
+def test_torch_chatter_stays_out_of_a_users_output():
+    """torch's "No CUDA runtime is found, using CUDA_HOME=…" (logged when an AOTInductor candidate is built on a CPU
+    machine, e.g. in compress optimize) is not shown without --debug."""
+    script = ("import sys, cli\n"
+              "cli.main(['--quiet', 'ls'])\n"
+              "import torch.utils.cpp_extension\n"
+              "import logging; logging.getLogger('torch.utils.cpp_extension').warning('No CUDA runtime is found (test)')\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "No CUDA runtime" not in r.stderr, r.stderr
