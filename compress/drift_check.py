@@ -59,8 +59,8 @@ class TestResult:
 
     def to_dict(self) -> dict:
         return {"test": self.name, "title": TITLES[self.name], "statistic": _r(self.statistic), "statistic_name": self.statistic_name,
-                "p_value": _r(self.p_value, 6), "interval": None if self.interval is None else [_r(v) for v in self.interval],
-                "threshold": _r(self.threshold, 6), "drifted": self.drifted, "details": _clean(self.details)}
+                "p_value": _g(self.p_value), "interval": None if self.interval is None else [_r(v) for v in self.interval],
+                "threshold": _g(self.threshold), "drifted": self.drifted, "details": _clean(self.details)}
 
 
 @dataclass
@@ -321,8 +321,8 @@ def over_time(ref: Profile, cur: Profile, window_s: float, alpha: float, permuta
         else:
             part = cur.take(idx)
             tests, _ = compare(ref, part, alpha, permutations, seed + int(b), bootstrap=50)
-            row["alpha"] = _r(alpha, 6)
-            row["tests"] = {t.name: {"statistic": _r(t.statistic), "p_value": _r(t.p_value, 6), "drifted": t.drifted} for t in tests}
+            row["alpha"] = _g(alpha)
+            row["tests"] = {t.name: {"statistic": _r(t.statistic), "p_value": _g(t.p_value), "drifted": t.drifted} for t in tests}
             row["drifted"] = any(t.drifted for t in tests)
             est = estimate_accuracy(ref, part, bootstrap=0, calibration=calibration)
             row["estimated_accuracy"] = None if est is None else _r(est["estimated"])
@@ -412,13 +412,18 @@ def _r(x, nd: int = 4):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
+def _g(x, digits: int = 4):
+    """Rounded to significant digits: a p-value of 2e-10 stays 2e-10 (to 6 decimals it was 0, shown as "< 1e-300")."""
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(f"{float(x):.{digits}g}")
+
+
 def _clean(x):
     if isinstance(x, dict):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     if isinstance(x, (np.floating, float)):
-        return _r(float(x), 6)
+        return _g(float(x), 6)
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.bool_):

@@ -96,7 +96,7 @@ def accuracy_lines(report) -> list[str]:
 def window_rows(report) -> list[list[str]]:
     rows = []
     for w in report.windows:
-        when = f"{_time(w['start'])} – {_time(w['end'])}"
+        when = f"{_time(w['start'], report.window_s)} – {_time(w['end'], report.window_s)}"
         if "skipped" in w:
             rows.append([when, str(w["samples"]), *["-"] * len(report.tests), "-", "not tested"])
             continue
@@ -111,8 +111,13 @@ def window_headers(report) -> list[str]:
     return ["window (UTC)", "samples", *[f"p {t.name}" for t in report.tests], "est. accuracy", "verdict"]
 
 
-def _time(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+def _time(t: float, window_s: float | None = None) -> str:
+    """To the minute; to the second (or its tenth) for windows shorter than a minute (a second), which would else
+    all read the same."""
+    when = dt.datetime.fromtimestamp(t, dt.timezone.utc)
+    if window_s is None or window_s >= 60:
+        return when.strftime("%Y-%m-%d %H:%M")
+    return when.strftime("%Y-%m-%d %H:%M:%S") + (f".{when.microsecond // 100000}" if window_s < 1 else "")
 
 
 def rich_tables(report) -> list:

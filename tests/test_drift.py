@@ -235,6 +235,10 @@ def test_a_served_log_is_tested_per_window(cli, fm, tmp_path, monkeypatch):
     assert first["samples"] == 200 and not first["drifted"] and first["estimated_accuracy"] > 0.85
     assert second["drifted"] and all(t["drifted"] for t in second["tests"].values()) and second["estimated_accuracy"] < 0.5
     assert third["samples"] == 10 and "only 10 samples" in third["skipped"]
+    # p-values keep their significant digits: rounded to 6 decimals, MNIST's were 0 and read "< 1e-300"
+    assert 0 < second["tests"]["inputs"]["p_value"] < 1e-6 and all(t["p_value"] > 0 for t in doc["tests"]), doc["tests"]
+    from compress.drift_report import _time                  # windows under a minute are told apart to the second
+    assert _time(T0 + 2, 3600) == _time(T0 + 4, 3600) != _time(T0 + 2, 2.0) != _time(T0 + 4, 2.0)
     assert first["alpha"] == second["alpha"] == pytest.approx(doc["alpha"] / 2)     # Bonferroni over the 2 windows tested
     assert "skipped 1 unreadable line" in r.err and "window 3 was not tested" in r.err
     assert "Per window of 1 h" in (tmp_path / "log.html").read_text() and "Each of the 2 windows tested" in (tmp_path / "log.html").read_text()
