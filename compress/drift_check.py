@@ -422,8 +422,8 @@ def _clean(x):
         return {str(k): _clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return _g(float(x), 6)
+    if isinstance(x, (np.floating, float)):    # 6 decimals (a window's start time stays whole), 6 digits below 1
+        return _r(float(x), 6) if abs(float(x)) >= 1 else _g(float(x), 6)
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.bool_):

@@ -233,6 +233,7 @@ def test_a_served_log_is_tested_per_window(cli, fm, tmp_path, monkeypatch):
     assert doc["window_s"] == 3600 and doc["current"]["samples"] == 410 and doc["current"]["embedding_space"] == "outputs"
     first, second, third = doc["windows"]
     assert first["samples"] == 200 and not first["drifted"] and first["estimated_accuracy"] > 0.85
+    assert (first["start"], second["start"], second["end"]) == (T0, T0 + 3600, T0 + 7200)     # whole seconds, not 6 digits
     assert second["drifted"] and all(t["drifted"] for t in second["tests"].values()) and second["estimated_accuracy"] < 0.5
     assert third["samples"] == 10 and "only 10 samples" in third["skipped"]
     # p-values keep their significant digits: rounded to 6 decimals, MNIST's were 0 and read "< 1e-300"
