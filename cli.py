@@ -18,7 +18,7 @@ from rich.markup import escape
 
 from cli_commands.common import CONTEXT, Flags, RichProgress, console, global_flags, model_options, out_console
 from cli_commands.common import flags as _flags
-from compress.errors import CompressError, StagesKept
+from compress.errors import CompressError, StagesKept, chain
 from compress.version import __version__
 
 class _LogLines(logging.Handler):
@@ -448,21 +448,12 @@ def _interrupt_behind(exc: BaseException) -> BaseException | None:
     """The Ctrl-C or SIGTERM an error was raised while handling, if any: an interrupt in the middle of an import leaves
     the module half-loaded, and the cleanup that runs next may fail on it ("cannot load module more than once") — the
     user pressed Ctrl-C and is told so, not asked to report a bug."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, (KeyboardInterrupt, Terminated)):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in chain(exc) if isinstance(e, (KeyboardInterrupt, Terminated))), None)
 
 
 def _interrupted(exc: BaseException, argv: list[str]) -> int:
     # click turns Ctrl-C into Abort: the interrupt it came from, or the error raised after it, carries what the run kept
-    kept, seen = None, set()
-    while exc is not None and kept is None and id(exc) not in seen:
-        seen.add(id(exc))
-        kept, exc = getattr(exc, "kept_stages", None), exc.__cause__ or exc.__context__
+    kept = next((e.kept_stages for e in chain(exc) if getattr(e, "kept_stages", None)), None)
     if kept:
         console().print(f"[red]interrupted[/red]: {escape(f'the {kept[0]} completed stage(s) are kept in {kept[1]}/stages; rerun {rerun_command(argv)} to continue from them')}",
                         soft_wrap=True)
@@ -538,4 +529,3 @@ def entry() -> None:
 
 if __name__ == "__main__":
     entry()
-

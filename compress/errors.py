@@ -37,6 +37,15 @@ class MissingPackage(CompressError):
         self.extra = extra
 
 
+def chain(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or while handling, outermost first (each once: chains can loop)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-empty line of an exception's message (terminal colour codes removed), or its type's name: how
     an error from a library is quoted inside one of compress's one-line messages."""

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CompressError
+from .errors import CompressError, chain
 
 log = logging.getLogger(__name__)
 
@@ -243,15 +243,13 @@ def write_failure(exc: BaseException, where: Path) -> CompressError | None:
     read too, and an unexplained error counts as a full disk when less than 1 MiB is left where OUT goes.
     """
     code = None
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen and code is None:
-        seen.add(id(e))
+    for e in chain(exc):
         if isinstance(e, OSError) and e.errno in _FULL:
             code = e.errno
         else:
             code = next((c for text, c in _FULL_TEXT.items() if text in str(e)), None)
-        e = e.__cause__ or e.__context__
+        if code is not None:
+            break
     if code is None and isinstance(exc, Exception) and not isinstance(exc, CompressError):
         probe = Path(where)
         while not probe.exists() and probe != probe.parent:
