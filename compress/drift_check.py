@@ -20,6 +20,7 @@ a served model's log.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -439,6 +440,7 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
     Profile) with the reference of the run directory ``run_dir`` (or one made from ``reference``, a DATA spec).
     ``calibrate``: estimate the accuracy on synthetic shifts of the reference's inputs where they can be read again."""
     from .artifact import load_run_dir
+    from .runners import load_runner
 
     require("scipy", "drift", "compress drift")
     require("sklearn", "drift", "compress drift")
@@ -458,14 +460,7 @@ def check(run_dir, current, *, reference: str | None = None, window: str | float
     if not run_dir.is_dir():
         raise CompressError(f"{run_dir} is not a run directory", "Give a directory written by a compress command with --data")
     artifact = load_run_dir(run_dir)
-    loaded = []
-
-    def runner():   # the model is loaded once, when a step first runs it, for every step that does
-        if not loaded:
-            from .runners import load_runner
-
-            loaded.append(load_runner(artifact))
-        return loaded[0]
+    runner = functools.cache(functools.partial(load_runner, artifact))   # loaded once, when a step first runs the model
 
     if reference is not None:
         ref = _profile_current(artifact, reference, None, limit=512, seed=seed, what="--reference", runner=runner)
